@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` (the main job on an embedded default) and
+# `make test` (the whole suite). Both create .venv and install everything themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test check bench-cpu lint clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: the CPU build on this machine's disk. An unpinned torch would pull a
+	# multi-GB CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fused-dpo check
+
+check: $(STAMP)
+	$(BIN)/fused-dpo check
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-cpu: $(STAMP)
+	$(BIN)/python -m pytest bench/test_cpu_bench.py -q --benchmark-only -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache .benchmarks

@@ -1,0 +1,81 @@
+"""`fused-dpo check`: get_logps against the eager reference on this device, with time and memory."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .logps import get_logps
+from .reference import get_logps_reference
+
+
+def _measure(fn, device: torch.device, repeats: int = 3):
+    """(result, median seconds, peak bytes allocated above the start) of fn()."""
+    times, peak = [], 0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        times.append(time.perf_counter() - t0)
+    if device.type != "cuda":  # CPU peak: replay once under the memory profiler
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        peak = _peak_from_events(prof.events())
+    return out, sorted(times)[len(times) // 2], peak
+
+
+def _peak_from_events(events) -> int:
+    """Peak of the running sum of CPU allocations (+) and frees (-) recorded by the profiler."""
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage)
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+def main(B: int = 4, T: int = 256, V: int = 32000, dtype: str = "bfloat16") -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dt).to(device)
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, T // 4 :] = True  # first quarter is prompt
+    mask = mask.to(device)
+
+    def run(fn):
+        def step():
+            x = logits.detach().requires_grad_(True)
+            out = fn(x)
+            out.sum().backward()
+            return out.detach(), x.grad
+
+        return step
+
+    truth = get_logps_reference(logits.double(), ids, mask)
+    rows = []
+    for name, fn in (
+        ("eager reference", lambda x: get_logps_reference(x, ids, mask)),
+        ("fused_dpo", lambda x: get_logps(x, ids, mask)),
+    ):
+        (out, _), secs, peak = _measure(run(fn), device)
+        rel = ((out.double() - truth).abs().max() / truth.abs().max()).item()
+        rows.append((name, secs * 1e3, peak / 2**20, rel))
+    print(f"get_logps check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"B={B} T={T} V={V} {dtype}, forward+backward, prompt = first quarter")
+    print(f"{'provider':<18}{'ms':>10}{'peak MiB':>12}{'max rel err vs fp64':>22}")
+    for name, ms, mib, rel in rows:
+        print(f"{name:<18}{ms:>10.1f}{mib:>12.1f}{rel:>22.2e}")
+    ok = rows[1][3] <= 1e-5
+    print("OK: fused_dpo matches the float64 reference" if ok else "MISMATCH")
+    return 0 if ok else 1

@@ -1,0 +1,1 @@
+"""Thin DPO trainer (see fused_dpo.train.trainer)."""
