@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
+from .fused_loss import FusedDPOLoss, dpo_loss_from_hidden
 from .hidden import get_logps_from_hidden
 from .logps import get_logps
+from .losses import BCOState, dpo_loss
 
-__all__ = ["__version__", "get_logps", "get_logps_from_hidden"]
+__all__ = [
+    "__version__",
+    "BCOState",
+    "FusedDPOLoss",
+    "dpo_loss",
+    "dpo_loss_from_hidden",
+    "get_logps",
+    "get_logps_from_hidden",
+]

@@ -71,7 +71,8 @@ def main(B: int = 4, T: int = 256, V: int = 32000, dtype: str = "bfloat16") -> i
         (out, _), secs, peak = _measure(run(fn), device)
         rel = ((out.double() - truth).abs().max() / truth.abs().max()).item()
         rows.append((name, secs * 1e3, peak / 2**20, rel))
-    print(f"get_logps check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"get_logps check on {device} ({name}), "
           f"B={B} T={T} V={V} {dtype}, forward+backward, prompt = first quarter")
     print(f"{'provider':<18}{'ms':>10}{'peak MiB':>12}{'max rel err vs fp64':>22}")
     for name, ms, mib, rel in rows:

@@ -64,7 +64,7 @@ class _HiddenRowLogps(torch.autograd.Function):
         h, W, bias, labels, lse = ctx.saved_tensors
         inv_temp, softcap, rows, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        M, V = h.shape[0], W.shape[0]
+        V = W.shape[0]
         coef = grad.to(lse.dtype).contiguous()[None]
         dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_h else None
         dW = torch.empty_like(W) if need_w else None

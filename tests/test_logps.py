@@ -193,22 +193,22 @@ def test_auto_picks_torch_on_cpu():
 
 
 BAD = [
-    ("logits rank", lambda L, I, M: get_logps(L[0], I, M), ValueError, "3 dimensions"),
-    ("ids shape", lambda L, I, M: get_logps(L, I[:, :-1], M), ValueError, "input_ids has shape"),
-    ("mask shape", lambda L, I, M: get_logps(L, I, M[:1]), ValueError, "response_mask has shape"),
-    ("logits dtype", lambda L, I, M: get_logps(L.int(), I, M), TypeError, "torch.int32"),
-    ("ids dtype", lambda L, I, M: get_logps(L, I.float(), M), TypeError, "input_ids has dtype"),
-    ("mask dtype", lambda L, I, M: get_logps(L, I, M.to(torch.complex64)), TypeError, "complex"),
-    ("label high", lambda L, I, M: get_logps(L, I.clamp(max=0) + 19, M), ValueError, "outside"),
-    ("label neg", lambda L, I, M: get_logps(L, I - 100, M), ValueError, "outside the vocab"),
-    ("reduction", lambda L, I, M: get_logps(L, I, M, reduction="avg"), ValueError, "'avg'"),
-    ("impl", lambda L, I, M: get_logps(L, I, M, impl="cuda"), ValueError, "'cuda'"),
-    ("temperature", lambda L, I, M: get_logps(L, I, M, temperature=0), ValueError, "temperature"),
-    ("softcap", lambda L, I, M: get_logps(L, I, M, softcap=-1.0), ValueError, "softcap"),
-    ("both", lambda L, I, M: get_logps(L, I, M, labels=I), ValueError, "not both"),
-    ("neither", lambda L, I, M: get_logps(L), ValueError, "input_ids"),
-    ("not tensor", lambda L, I, M: get_logps(L.tolist(), I, M), TypeError, "torch.Tensor"),
-    ("device", lambda L, I, M: get_logps(L, I.to("meta"), M), ValueError, "is on meta"),
+    ("logits rank", lambda L, ids, M: get_logps(L[0], ids, M), ValueError, "3 dimensions"),
+    ("ids shape", lambda L, ids, M: get_logps(L, ids[:, :-1], M), ValueError, "input_ids has shape"),
+    ("mask shape", lambda L, ids, M: get_logps(L, ids, M[:1]), ValueError, "response_mask has shape"),
+    ("logits dtype", lambda L, ids, M: get_logps(L.int(), ids, M), TypeError, "torch.int32"),
+    ("ids dtype", lambda L, ids, M: get_logps(L, ids.float(), M), TypeError, "input_ids has dtype"),
+    ("mask dtype", lambda L, ids, M: get_logps(L, ids, M.to(torch.complex64)), TypeError, "complex"),
+    ("label high", lambda L, ids, M: get_logps(L, ids.clamp(max=0) + 19, M), ValueError, "outside"),
+    ("label neg", lambda L, ids, M: get_logps(L, ids - 100, M), ValueError, "outside the vocab"),
+    ("reduction", lambda L, ids, M: get_logps(L, ids, M, reduction="avg"), ValueError, "'avg'"),
+    ("impl", lambda L, ids, M: get_logps(L, ids, M, impl="cuda"), ValueError, "'cuda'"),
+    ("temperature", lambda L, ids, M: get_logps(L, ids, M, temperature=0), ValueError, "temperature"),
+    ("softcap", lambda L, ids, M: get_logps(L, ids, M, softcap=-1.0), ValueError, "softcap"),
+    ("both", lambda L, ids, M: get_logps(L, ids, M, labels=ids), ValueError, "not both"),
+    ("neither", lambda L, ids, M: get_logps(L), ValueError, "input_ids"),
+    ("not tensor", lambda L, ids, M: get_logps(L.tolist(), ids, M), TypeError, "torch.Tensor"),
+    ("device", lambda L, ids, M: get_logps(L, ids.to("meta"), M), ValueError, "is on meta"),
 ]
 
 

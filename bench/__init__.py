@@ -1,0 +1,1 @@
+"""GPU microbenchmarks for fused_dpo (`python -m bench --help`)."""

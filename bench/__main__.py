@@ -1,0 +1,261 @@
+"""GPU microbenchmarks: `python -m bench {logits,hidden,all} [--quick] [--out DIR]`.
+
+Every row reports the median time (20th/80th percentiles beside it), peak memory above the inputs,
+the relative error of the per-sequence sums against float64, and the share of its roofline:
+memory-bound logits path -> GB/s and % of the measured copy rate over the floor bytes
+(response rows read twice, every row's gradient written once); hidden-state path -> TFLOP/s and %
+of the measured bf16 matmul rate over the work on response rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+PROMPT_FRACTION = 0.25  # the first quarter of every sequence is prompt
+LOGITS_SHAPES = [(8, 1024, 128256), (4, 4096, 151936), (8, 2048, 32000)]
+LOGITS_SWEEP = [
+    (b, t, v) for v in (32000, 128256, 151936, 256000) for (b, t) in ((2, 1024), (8, 1024), (8, 4096))
+]
+HIDDEN_SHAPES = [(8, 1024, 4096, 128256), (8, 1024, 2048, 128256)]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _inputs(B, T, V, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    mask[:, int(T * PROMPT_FRACTION):] = True
+    return ids, mask, g
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    copy_bps = 2 * src.numel() * 2 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ a, warmup=50, rep=300)
+    mm_flops = 2 * 8192**3 / (ms * 1e-3)
+    return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": mm_flops / 1e12}
+
+
+def _time(fn, mode, inputs):
+    """(median, p20, p80) ms and peak bytes above the inputs for forward / backward / fwd+bwd."""
+    from triton.testing import do_bench
+
+    def fwd():
+        return fn(*inputs)
+
+    def fwd_bwd():
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.grad = None
+        fn(*inputs).sum().backward()
+
+    if mode == "forward":
+        with torch.no_grad():
+            run = fwd
+            q = do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    elif mode == "fwd+bwd":
+        run = fwd_bwd
+        q = do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    else:  # backward alone: time fwd+bwd minus fwd
+        fb = do_bench(fwd_bwd, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        with torch.no_grad():
+            f = do_bench(fwd, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        q = [a - b for a, b in zip(fb, f, strict=True)]
+        run = fwd_bwd
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if mode == "forward":
+        with torch.no_grad():
+            run()
+    else:
+        run()
+    torch.cuda.synchronize()
+    return q, torch.cuda.max_memory_allocated() - base
+
+
+def _rel_err(out, truth):
+    return ((out.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
+
+
+def bench_logits(shapes, providers, ceil, rows, modes):
+    from fused_dpo.reference import get_logps_reference
+
+    for B, T, V in shapes:
+        ids, mask, g = _inputs(B, T, V, torch.bfloat16)
+        logits = (torch.randn(B, T, V, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        logits.requires_grad_(True)
+        truth = torch.cat([get_logps_reference(logits[b : b + 1].detach().double(), ids[b : b + 1],
+                                               mask[b : b + 1]) for b in range(B)])
+        resp_rows = float(mask[:, 1:].sum())
+        floor_bytes = {
+            "forward": resp_rows * V * 2,
+            "backward": resp_rows * V * 2 + B * T * V * 2,
+            "fwd+bwd": 2 * resp_rows * V * 2 + B * T * V * 2,
+        }
+        for name, fn in providers.items():
+            if fn is None:
+                print(f"  {name}: not installed, skipped")
+                continue
+            try:
+                with torch.no_grad():
+                    err = _rel_err(fn(logits, ids, mask), truth)
+                for mode in modes:
+                    (med, p20, p80), peak = _time(fn, mode, (logits, ids, mask))
+                    gbps = floor_bytes[mode] / (med * 1e-3) / 1e9
+                    rows.append(dict(path="logits", shape=f"{B}x{T}x{V}", provider=name, mode=mode,
+                                     ms=med, p20=p20, p80=p80, peak_GiB=peak / 2**30,
+                                     floor_ms=floor_bytes[mode] / (ceil["copy_GBps"] * 1e9) * 1e3,
+                                     GBps=gbps, pct_roofline=100 * gbps / ceil["copy_GBps"],
+                                     rel_err=err))
+                    _print_row(rows[-1])
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {name} {B}x{T}x{V}: out of memory")
+            torch.cuda.empty_cache()
+        del logits
+
+
+def bench_hidden(shapes, providers, ceil, rows, modes):
+    from fused_dpo import get_logps_from_hidden
+
+    for B, T, H, V in shapes:
+        ids, mask, g = _inputs(B, T, V, torch.bfloat16)
+        hidden = (torch.randn(B, T, H, device="cuda", generator=g)).to(torch.bfloat16).requires_grad_(True)
+        weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(torch.bfloat16)
+        weight.requires_grad_(True)
+        truth = get_logps_from_hidden(hidden.detach().double(), weight.detach().double(), ids, mask,
+                                      impl="torch")
+        resp_rows = float(mask[:, 1:].sum())
+        mm = 2 * resp_rows * H * V
+        flops = {"forward": mm, "backward": 3 * mm, "fwd+bwd": 4 * mm}
+        for name, fn in providers.items():
+            if fn is None:
+                print(f"  {name}: not installed, skipped")
+                continue
+            try:
+                with torch.no_grad():
+                    err = _rel_err(fn(hidden, weight, ids, mask), truth)
+                for mode in modes:
+                    (med, p20, p80), peak = _time(fn, mode, (hidden, weight, ids, mask))
+                    tf = flops[mode] / (med * 1e-3) / 1e12
+                    rows.append(dict(path="hidden", shape=f"{B}x{T}x{H}x{V}", provider=name,
+                                     mode=mode, ms=med, p20=p20, p80=p80, peak_GiB=peak / 2**30,
+                                     floor_ms=flops[mode] / (ceil["matmul_TFLOPs"] * 1e12) * 1e3,
+                                     TFLOPs=tf, pct_roofline=100 * tf / ceil["matmul_TFLOPs"],
+                                     rel_err=err))
+                    _print_row(rows[-1])
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {name} {B}x{T}x{H}x{V}: out of memory")
+            torch.cuda.empty_cache()
+        del hidden, weight
+
+
+def _print_row(r):
+    rate = f"{r['GBps']:8.0f} GB/s" if "GBps" in r else f"{r['TFLOPs']:8.1f} TF/s"
+    print(f"{r['path']:<7}{r['shape']:<22}{r['provider']:<15}{r['mode']:<9}{r['ms']:9.3f} ms "
+          f"[{r['p20']:.3f}-{r['p80']:.3f}] {r['peak_GiB']:7.3f} GiB {rate} "
+          f"{r['pct_roofline']:5.1f}% roof (floor {r['floor_ms']:.3f} ms)  rel.err {r['rel_err']:.1e}",
+          flush=True)
+
+
+def _write(rows, ceil, out: Path):
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, commit=_commit(), python=platform.python_version(),
+                **{k: f"{v:.1f}" for k, v in ceil.items()})
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    path = out / "results.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(meta) + keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+    print(f"wrote {path}")
+    try:
+        _plot(rows, out)
+    except ImportError:
+        print("matplotlib missing: no plots")
+
+
+def _plot(rows, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["path"] == "logits" and r["mode"] == "fwd+bwd"]
+    if not sel:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for prov in sorted({r["provider"] for r in sel}):
+        pts = []
+        for r in sel:
+            if r["provider"] == prov:
+                b, t, v = (int(n) for n in r["shape"].split("x"))
+                pts.append((v, r["ms"], b * t, r["peak_GiB"]))
+        pts.sort()
+        a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
+        pts.sort(key=lambda p: p[2])
+        b.plot([p[2] for p in pts], [p[3] for p in pts], "o-", label=prov)
+    a.set(xlabel="vocab", ylabel="fwd+bwd ms", title="time vs vocab")
+    b.set(xlabel="tokens (B*T)", ylabel="peak GiB above inputs", title="memory vs tokens")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "logits.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["logits", "hidden", "sweep", "all"], nargs="?", default="all")
+    ap.add_argument("--quick", action="store_true", help="forward and fwd+bwd only (no backward alone)")
+    ap.add_argument("--providers", default=None, help="comma-separated subset of provider names")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU; for the CPU benchmark run `make bench-cpu`.", file=sys.stderr)
+        return 2
+    from .providers import hidden_providers, logits_providers
+
+    modes = ["forward", "fwd+bwd"] if args.quick else ["forward", "backward", "fwd+bwd"]
+    ceil = ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
+    rows: list[dict] = []
+    want = set(args.providers.split(",")) if args.providers else None
+    pick = lambda d: {k: v for k, v in d.items() if want is None or k in want}
+    if args.what in ("logits", "all"):
+        bench_logits(LOGITS_SHAPES, pick(logits_providers()), ceil, rows, modes)
+    if args.what == "sweep":
+        bench_logits(LOGITS_SWEEP, pick(logits_providers()), ceil, rows, modes)
+    if args.what in ("hidden", "all"):
+        bench_hidden(HIDDEN_SHAPES, pick(hidden_providers()), ceil, rows, modes)
+    _write(rows, ceil, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
