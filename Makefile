@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fused-dpo check
+	$(BIN)/fused-dpo train
 
 check: $(STAMP)
 	$(BIN)/fused-dpo check

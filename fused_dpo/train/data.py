@@ -1,0 +1,165 @@
+"""Preference data in TRL's format (`prompt`, `chosen`, `rejected`; text or chat messages):
+built-in sets, JSONL loading, tokenisation with prompt masking, and batching."""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import importlib.util
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+def synthetic_sorting(n: int = 800, seed: int = 0) -> list[dict]:
+    """A task with a known right answer: the sorted list is preferred over a shuffled one.
+
+    prompt "sort 3 1 4 1 5 ->", chosen " 1 1 3 4 5", rejected the same digits in an unsorted order.
+    """
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        xs = [rng.randrange(10) for _ in range(rng.randint(4, 6))]
+        good = sorted(xs)
+        bad = good[:]
+        while bad == good:
+            rng.shuffle(bad)
+        rows.append({"prompt": "sort " + " ".join(map(str, xs)) + " ->",
+                     "chosen": " " + " ".join(map(str, good)),
+                     "rejected": " " + " ".join(map(str, bad))})
+    return rows
+
+
+def zen_pairs() -> list[dict]:
+    """The 19 aphorisms of PEP 20, regenerated from the standard library's `this` module (without
+    importing it, which would print them): prompt = the first half of a line, chosen = its real
+    second half, rejected = the second half of the next line."""
+    src = Path(importlib.util.find_spec("this").origin).read_text()
+    encoded = next(n.value.value for n in ast.parse(src).body
+                   if isinstance(n, ast.Assign) and n.targets[0].id == "s")
+    lines = [ln for ln in codecs.decode(encoded, "rot13").splitlines()[2:] if ln.strip()]
+    halves = []
+    for ln in lines:
+        words = ln.split()
+        k = max(1, len(words) // 2)
+        halves.append((" ".join(words[:k]), " " + " ".join(words[k:])))
+    return [{"prompt": p, "chosen": c, "rejected": halves[(i + 1) % len(halves)][1]}
+            for i, (p, c) in enumerate(halves)]
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def load_rows(name: str, seed: int = 0) -> list[dict]:
+    if name == "synthetic":
+        return synthetic_sorting(seed=seed)
+    if name == "zen":
+        return zen_pairs()
+    if Path(name).suffix == ".jsonl" and Path(name).exists():
+        return load_jsonl(name)
+    raise ValueError(f"--data must be synthetic, zen or an existing .jsonl file; got {name!r}")
+
+
+def row_texts(rows: list[dict]) -> list[str]:
+    """Every string in the rows (to train a tokenizer on)."""
+    out = []
+    for r in rows:
+        for k in FIELDS:
+            v = r.get(k)
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, list):
+                out.extend(m.get("content", "") for m in v if isinstance(m, dict))
+    return out
+
+
+@dataclass
+class Tokenized:
+    pairs: list[tuple[list[int], list[int], list[int]]]  # (prompt, chosen, rejected) token ids
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+    def report(self) -> str:
+        if not self.skipped:
+            return f"{len(self.pairs)} pairs, none skipped"
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return f"{len(self.pairs)} pairs kept; skipped {sum(self.skipped.values())}: {reasons}"
+
+
+def _text(tok, value, what: str, i: int, prompt: bool) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        if prompt:
+            return tok.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        return "".join(m["content"] for m in value)
+    raise ValueError(f"row {i}: field {what!r} must be a string or a list of chat messages, "
+                     f"got {type(value).__name__}")
+
+
+def tokenize(rows: list[dict], tok, max_length: int, truncation_side: str = "left") -> Tokenized:
+    """Tokenise preference rows; a row that cannot make a valid pair is counted, never dropped
+    silently. A row missing a field is an error (the data set is malformed)."""
+    out = Tokenized([])
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i}: expected an object with {FIELDS}, got {type(row).__name__}")
+        missing = [k for k in FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"row {i}: missing field(s) {missing}; each row needs {FIELDS}")
+        p, c, r = (_text(tok, row[k], k, i, k == "prompt") for k in FIELDS)
+        if not c.strip() or not r.strip():
+            out.skipped["empty response"] += 1
+            continue
+        if c == r:
+            out.skipped["identical chosen and rejected"] += 1
+            continue
+        pi = bos + tok(p, add_special_tokens=False)["input_ids"]
+        ci = tok(c, add_special_tokens=False)["input_ids"] + eos
+        ri = tok(r, add_special_tokens=False)["input_ids"] + eos
+        if len(pi) + 1 > max_length:
+            out.skipped["prompt longer than max_length"] += 1
+            continue
+        over = len(pi) + max(len(ci), len(ri)) - max_length
+        if over > 0:
+            if truncation_side == "left" and len(pi) - over >= 1:
+                pi = pi[over:]
+            else:
+                room = max_length - len(pi)
+                ci, ri = ci[:room], ri[:room]
+            if ci == ri:
+                out.skipped["identical after truncation"] += 1
+                continue
+        out.pairs.append((pi, ci, ri))
+    return out
+
+
+def collate(pairs, pad_id: int) -> dict[str, torch.Tensor]:
+    """[chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}], right-padded, with the response mask."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    L = max(len(p) + len(x) for p, x in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    resp = torch.zeros((len(seqs), L), dtype=torch.bool)
+    for k, (p, x) in enumerate(seqs):
+        n = len(p) + len(x)
+        ids[k, :n] = torch.tensor(p + x)
+        attn[k, :n] = 1
+        resp[k, len(p) : n] = True
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

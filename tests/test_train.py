@@ -1,0 +1,208 @@
+"""The thin DPO trainer on a tiny Llama: determinism, log 2 at step 0, learning, resume, health
+flags that fire when built to and stay silent otherwise, bad input, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fused_dpo.train.cli import main as cli_main
+from fused_dpo.train.config import DPOConfig
+from fused_dpo.train.data import collate, synthetic_sorting, tokenize, zen_pairs
+from fused_dpo.train.models import tiny_llama, train_tokenizer
+from fused_dpo.train.trainer import DPOTrainer
+
+ROWS = synthetic_sorting(240, seed=0)
+TOK = train_tokenizer(r[k] for r in ROWS for k in ("prompt", "chosen", "rejected"))
+VOLATILE = {"tokens_per_s", "peak_mem_MiB"}
+
+
+def make_trainer(tmp_path, rows=ROWS[:200], eval_rows=ROWS[200:], model=None, **cfg):
+    cfg = DPOConfig(**{"output_dir": str(tmp_path), "max_steps": 12, "batch_size": 8,
+                       "eval_steps": 6, "save_steps": 6, **cfg})
+    return DPOTrainer(model or tiny_llama(len(TOK), seed=0), None, TOK, rows, eval_rows, cfg)
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def test_step0_loss_is_log2_and_run_is_deterministic(tmp_path):
+    a = make_trainer(tmp_path / "a").train(progress=False)
+    b = make_trainer(tmp_path / "b").train(progress=False)
+    assert abs(a["metrics"][0]["loss"] - math.log(2)) < 1e-6
+    assert a["metrics"][0]["rewards/margins"] == 0.0
+    assert stable(a["metrics"]) == stable(b["metrics"])
+
+
+def test_loss_decreases_and_held_out_accuracy_rises(tmp_path):
+    r = make_trainer(tmp_path, max_steps=120, batch_size=16, eval_steps=60).train(progress=False)
+    first = sum(m["loss"] for m in r["metrics"][:5]) / 5
+    last = sum(m["loss"] for m in r["metrics"][-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert r["eval"]["eval/rewards/accuracies"] > 0.8
+    assert r["flags"] == []  # a healthy run raises nothing
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_resume_equals_uninterrupted(tmp_path, reference):
+    full = make_trainer(tmp_path / "full", reference=reference).train(progress=False)
+    make_trainer(tmp_path / "cut", reference=reference).train(progress=False, until_step=5)
+    resumed = make_trainer(tmp_path / "cut", reference=reference).train(progress=False, resume=True)
+    assert stable(resumed["metrics"]) == stable(full["metrics"])
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(12))
+
+
+def test_precomputed_reference_matches_model_reference(tmp_path):
+    a = make_trainer(tmp_path / "a", reference="model").train(progress=False)
+    b = make_trainer(tmp_path / "b", reference="precomputed").train(progress=False)
+    for x, y in zip(a["metrics"], b["metrics"], strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+
+
+def test_outputs_written(tmp_path):
+    make_trainer(tmp_path).train(progress=False)
+    for name in ("metrics.jsonl", "config.json", "health.md", "curves.png", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "grad_norm", "kl_estimate", "tokens_per_s",
+                "peak_mem_MiB"):
+        assert key in row
+
+
+# -- health flags: each fires on a run built to trigger it ------------------------------------
+
+def _flags(result):
+    return set(result["flags"])
+
+
+def test_flag_step0_loss_with_active_dropout(tmp_path):
+    model = tiny_llama(len(TOK), seed=0)
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    r = make_trainer(tmp_path / "drop", model=model, disable_dropout=False, max_steps=3).train(progress=False)
+    assert "step0_loss" in _flags(r)
+    model = tiny_llama(len(TOK), seed=0)
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    r = make_trainer(tmp_path / "nodrop", model=model, max_steps=3).train(progress=False)
+    assert "step0_loss" not in _flags(r)  # disable_dropout=True (default) fixes it
+
+
+def test_flag_margin_explosion_and_memorising(tmp_path):
+    # Four pairs, one at a time, summed, unclipped, large beta: the margin runs far past the
+    # point where the loss has any gradient left.
+    r = make_trainer(tmp_path, rows=ROWS[:4], eval_rows=None, batch_size=1, loss_reduction="sum",
+                     beta=1.0, learning_rate=1e-2, lr_scheduler="constant", warmup_steps=0,
+                     max_grad_norm=1e9, max_steps=60).train(progress=False)
+    assert {"margin_explosion", "memorising", "effective_batch_1"} <= _flags(r)
+
+
+def test_flag_likelihood_displacement(tmp_path):
+    r = make_trainer(tmp_path, loss_type="apo_down", learning_rate=3e-3, max_steps=40,
+                     beta=0.5).train(progress=False)
+    assert "likelihood_displacement" in _flags(r)
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tmp_path):
+    t = make_trainer(tmp_path, max_steps=20, max_bad_steps=3)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] in (3,) or calls["n"] >= 6:  # one isolated bad step, then a run of them
+            output.last_hidden_state.fill_(float("nan"))
+        return output
+
+    t.model.model.register_forward_hook(poison)
+    r = t.train(progress=False)
+    assert r["stopped"] and "NaN/inf losses in a row" in r["stopped"]
+    assert "nonfinite_loss" in _flags(r)
+    assert t.monitor.bad_steps == 4
+    assert "Stopped" in (tmp_path / "health.md").read_text()
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())  # no NaN update applied
+
+
+# -- data and bad input ----------------------------------------------------------------------
+
+def test_bad_rows_are_counted_or_rejected():
+    rows = [
+        {"prompt": "sort 1 2 ->", "chosen": " 1 2", "rejected": " 2 1"},
+        {"prompt": "sort 1 ->", "chosen": "  ", "rejected": " 1"},
+        {"prompt": "sort 3 ->", "chosen": " 3", "rejected": " 3"},
+        {"prompt": "sort " + "1 " * 80 + "->", "chosen": " 1", "rejected": " 2"},
+    ]
+    tk = tokenize(rows, TOK, max_length=24)
+    assert len(tk.pairs) == 1
+    assert dict(tk.skipped) == {"empty response": 1, "identical chosen and rejected": 1,
+                                "prompt longer than max_length": 1}
+    assert "skipped 3" in tk.report()
+    with pytest.raises(ValueError, match=r"row 0: missing field\(s\) \['rejected'\]"):
+        tokenize([{"prompt": "a", "chosen": "b"}], TOK, 24)
+    with pytest.raises(ValueError, match="no usable training pairs"):
+        DPOTrainer(tiny_llama(len(TOK)), None, TOK, rows[1:3], None, DPOConfig())
+
+
+def test_truncation_sides_and_collate():
+    row = [{"prompt": "sort 9 8 7 6 5 4 3 2 1 ->", "chosen": " 1 2 3 4 5 6 7 8 9",
+            "rejected": " 9 8 7 6 5 4 3 2 1"}]
+    full = tokenize(row, TOK, 200).pairs[0]
+    n = len(full[0]) + max(len(full[1]), len(full[2]))
+    left = tokenize(row, TOK, n - 2, "left").pairs[0]
+    assert left[1] == full[1] and left[0] == full[0][2:]
+    right = tokenize(row, TOK, len(full[0]) + 4, "right").pairs[0]
+    assert right[0] == full[0] and right[1] == full[1][:4]
+    b = collate([full, left], pad_id=0)
+    assert b["input_ids"].shape[0] == 4
+    assert b["response_mask"][0].sum() == len(full[1]) and b["response_mask"][2].sum() == len(full[2])
+    assert not b["response_mask"][0, : len(full[0])].any()
+
+
+def test_chat_format_rows():
+    rows = [{"prompt": [{"role": "user", "content": "sort 2 1"}],
+             "chosen": [{"role": "assistant", "content": " 1 2"}],
+             "rejected": [{"role": "assistant", "content": " 2 1"}]}]
+    (p, c, r), = tokenize(rows, TOK, 64).pairs
+    assert TOK.decode(p).endswith("<|assistant|>") and TOK.decode(c).startswith(" 1 2")
+
+
+def test_zen_pairs():
+    pairs = zen_pairs()
+    assert len(pairs) == 19
+    assert pairs[0]["prompt"] + pairs[0]["chosen"] == "Beautiful is better than ugly."
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        DPOConfig.from_dict({"beta": 0.1, "bogus_key": 1})
+    with pytest.raises(ValueError, match="beta"):
+        DPOConfig(beta=0)
+    with pytest.raises(ValueError, match="reference='none'"):
+        DPOConfig(reference="none")
+    (tmp_path / "c.toml").write_text('beta = 0.3\nloss_type = ["ipo"]\n')
+    assert DPOConfig.from_file(tmp_path / "c.toml").beta == 0.3
+
+
+def test_model_without_lm_head_is_a_clear_error(tmp_path):
+    from transformers import LlamaModel
+
+    base = tiny_llama(len(TOK)).model
+    assert isinstance(base, LlamaModel)
+    with pytest.raises(ValueError, match="has no lm_head"):
+        make_trainer(tmp_path, model=base)
+
+
+def test_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli_main(["--max-steps", "3", "--output-dir", str(out), "--no-progress", "--eval-steps", "3",
+                   "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.1", "--rpo-alpha", "none"])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["loss_type"] == ["sigmoid", "sft"]
+    assert "held-out preference accuracy" in capsys.readouterr().out
+    assert cli_main(["--beta", "-1", "--output-dir", str(out)]) == 2
