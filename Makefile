@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-cpu: $(STAMP)
-	$(BIN)/python -m pytest bench/test_cpu_bench.py -q --benchmark-only -p no:cacheprovider
+	$(BIN)/python -m pytest bench/test_cpu_bench.py -q -s --benchmark-only -p no:cacheprovider \
+		--benchmark-columns=median,min,max 2>&1 | grep -v USDT
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff

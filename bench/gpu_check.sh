@@ -25,3 +25,7 @@ done | tee "$OUT/block_sweep.log"
 echo "== timing table =="
 timeout 240 python3 -m bench all --quick --providers eager,torch.compile,fused_triton,liger_ce,cut_ce \
   --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+
+echo "== DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16) =="
+timeout 120 python3 -m bench.train_step 2>&1 | tee "$OUT/train_step.log" | tail -5
+echo "== done; logs and CSV under $OUT =="

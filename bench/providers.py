@@ -22,12 +22,13 @@ def _trl_row_loop(logits, ids, mask):
 
 
 def logits_providers() -> dict:
+    # fused first: when a stage's time budget runs out, the rows that matter most are in.
     p = {
-        "eager": lambda x, i, m: get_logps_reference(x, i, m),
-        "trl_row_loop": _trl_row_loop,
-        "torch.compile": torch.compile(lambda x, i, m: get_logps_reference(x, i, m)),
-        "fused_torch": lambda x, i, m: get_logps(x, i, m, impl="torch", validate=False),
         "fused_triton": lambda x, i, m: get_logps(x, i, m, impl="triton", validate=False),
+        "fused_torch": lambda x, i, m: get_logps(x, i, m, impl="torch", validate=False),
+        "eager": lambda x, i, m: get_logps_reference(x, i, m),
+        "torch.compile": torch.compile(lambda x, i, m: get_logps_reference(x, i, m)),
+        "trl_row_loop": _trl_row_loop,
     }
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
@@ -46,9 +47,9 @@ def logits_providers() -> dict:
 
 def hidden_providers() -> dict:
     p = {
-        "eager": lambda h, w, i, m: get_logps_from_hidden_reference(h, w, i, m),
-        "fused_torch": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, impl="torch"),
         "fused_triton": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, impl="triton"),
+        "fused_torch": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, impl="torch"),
+        "eager": lambda h, w, i, m: get_logps_from_hidden_reference(h, w, i, m),
     }
     try:
         from cut_cross_entropy import linear_cross_entropy

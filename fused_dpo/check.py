@@ -24,21 +24,22 @@ def _measure(fn, device: torch.device, repeats: int = 3):
             torch.cuda.synchronize()
             peak = max(peak, torch.cuda.max_memory_allocated() - base)
         times.append(time.perf_counter() - t0)
-    if device.type != "cuda":  # CPU peak: replay once under the memory profiler
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        peak = _peak_from_events(prof.events())
+    if device.type != "cuda":
+        peak = measure_peak_bytes(fn)
     return out, sorted(times)[len(times) // 2], peak
 
 
-def _peak_from_events(events) -> int:
-    """Peak of the running sum of CPU allocations (+) and frees (-) recorded by the profiler."""
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage)
+def measure_peak_bytes(fn) -> int:
+    """Peak bytes torch allocates on the CPU while fn() runs (replayed under the profiler): the
+    running sum of every op's own allocations (+) and frees (-)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.self_cpu_memory_usage]
     cur = peak = 0
-    for _, d in deltas:
-        cur += d
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
 

@@ -43,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", choices=["margin-explosion"],
                     help="margin-explosion: the failing configuration next to the fixed one")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = DPOConfig().to_dict()
     for f in dataclasses.fields(DPOConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
                         metavar="VALUE", type=lambda s, f=f: _parse_value(f, s),
-                        help=f"DPOConfig.{f.name} (default {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+                        help=f"DPOConfig.{f.name} (default {defaults[f.name]})")
     return ap
 
 
