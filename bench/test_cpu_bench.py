@@ -6,7 +6,7 @@ import torch
 
 from fused_dpo import get_logps, get_logps_from_hidden
 from fused_dpo.check import measure_peak_bytes
-from fused_dpo.reference import get_logps_from_hidden_reference, get_logps_reference
+from fused_dpo.reference import get_logps_from_hidden_reference
 
 SHAPES = [(4, 256, 32000), (2, 512, 128256)]
 

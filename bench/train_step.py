@@ -47,7 +47,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: Qwen2-0.5B-shaped, B={B} T={T} V={cfg.vocab_size} bf16; "
           f"weights {weights / 2**30:.2f} GiB")
     for name, (pol, rf) in variants.items():
-        def step():
+        def step(pol=pol, rf=rf):
             policy.zero_grad(set_to_none=True)
             with torch.no_grad():
                 r = rf(ref)
