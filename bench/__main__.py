@@ -27,6 +27,47 @@ LOGITS_SWEEP = [
 HIDDEN_SHAPES = [(8, 1024, 4096, 128256), (8, 1024, 2048, 128256)]
 
 
+DEVICE = "cuda"  # `--device cpu` runs the same code paths on the CPU as a smoke test (timings meaningless)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> int:
+    """Reset the peak counter; returns the bytes allocated now."""
+    if DEVICE != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _do_bench(fn, quantiles=(0.5, 0.2, 0.8), rep_ms=100):
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(quantiles))
+    import time
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run, timings meaningless)"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -36,33 +77,32 @@ def _commit() -> str:
 
 
 def _inputs(B, T, V, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), device="cuda", generator=g)
-    mask = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), device=DEVICE, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
     mask[:, int(T * PROMPT_FRACTION):] = True
     return ids, mask, g
 
 
 def ceilings() -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
-    from triton.testing import do_bench
-
-    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    n = 2**30 // 2 if DEVICE == "cuda" else 2**22
+    src = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    ms = _do_bench(lambda: dst.copy_(src), rep_ms=300)[0]
     copy_bps = 2 * src.numel() * 2 / (ms * 1e-3)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ a, warmup=50, rep=300)
-    mm_flops = 2 * 8192**3 / (ms * 1e-3)
-    return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": mm_flops / 1e12}
+    k = 8192 if DEVICE == "cuda" else 512
+    a = torch.randn(k, k, device=DEVICE, dtype=torch.bfloat16)
+    ms = _do_bench(lambda: a @ a, rep_ms=300)[0]
+    return {"copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": 2 * k**3 / (ms * 1e-3) / 1e12}
 
 
 def _time(fn, mode, inputs):
     """(median, p20, p80) ms and peak bytes above the inputs for forward / backward / fwd+bwd."""
-    from triton.testing import do_bench
 
     def fwd():
-        return fn(*inputs)
+        with torch.no_grad():
+            return fn(*inputs)
 
     def fwd_bwd():
         for t in inputs:
@@ -71,28 +111,19 @@ def _time(fn, mode, inputs):
         fn(*inputs).sum().backward()
 
     if mode == "forward":
-        with torch.no_grad():
-            run = fwd
-            q = do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        q, run = _do_bench(fwd), fwd
     elif mode == "fwd+bwd":
+        q, run = _do_bench(fwd_bwd), fwd_bwd
+    else:  # backward alone: fwd+bwd minus fwd
+        q = [a - b for a, b in zip(_do_bench(fwd_bwd), _do_bench(fwd), strict=True)]
         run = fwd_bwd
-        q = do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    else:  # backward alone: time fwd+bwd minus fwd
-        fb = do_bench(fwd_bwd, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        with torch.no_grad():
-            f = do_bench(fwd, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        q = [a - b for a, b in zip(fb, f, strict=True)]
-        run = fwd_bwd
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    if mode == "forward":
-        with torch.no_grad():
-            run()
-    else:
-        run()
-    torch.cuda.synchronize()
-    return q, torch.cuda.max_memory_allocated() - base
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    base = _reset_peak()
+    run()
+    _sync()
+    return q, _peak() - base
 
 
 def _rel_err(out, truth):
@@ -104,7 +135,7 @@ def bench_logits(shapes, providers, ceil, rows, modes):
 
     for B, T, V in shapes:
         ids, mask, g = _inputs(B, T, V, torch.bfloat16)
-        logits = (torch.randn(B, T, V, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        logits = (torch.randn(B, T, V, device=DEVICE, generator=g) * 2).to(torch.bfloat16)
         logits.requires_grad_(True)
         truth = torch.cat([get_logps_reference(logits[b : b + 1].detach().double(), ids[b : b + 1],
                                                mask[b : b + 1]) for b in range(B)])
@@ -132,7 +163,8 @@ def bench_logits(shapes, providers, ceil, rows, modes):
                     _print_row(rows[-1])
             except torch.cuda.OutOfMemoryError:
                 print(f"  {name} {B}x{T}x{V}: out of memory")
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         del logits
 
 
@@ -141,8 +173,8 @@ def bench_hidden(shapes, providers, ceil, rows, modes):
 
     for B, T, H, V in shapes:
         ids, mask, g = _inputs(B, T, V, torch.bfloat16)
-        hidden = (torch.randn(B, T, H, device="cuda", generator=g)).to(torch.bfloat16).requires_grad_(True)
-        weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).to(torch.bfloat16)
+        hidden = torch.randn(B, T, H, device=DEVICE, generator=g).to(torch.bfloat16).requires_grad_(True)
+        weight = (torch.randn(V, H, device=DEVICE, generator=g) / H**0.5).to(torch.bfloat16)
         weight.requires_grad_(True)
         truth = get_logps_from_hidden(hidden.detach().double(), weight.detach().double(), ids, mask,
                                       impl="torch")
@@ -167,7 +199,8 @@ def bench_hidden(shapes, providers, ceil, rows, modes):
                     _print_row(rows[-1])
             except torch.cuda.OutOfMemoryError:
                 print(f"  {name} {B}x{T}x{H}x{V}: out of memory")
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         del hidden, weight
 
 
@@ -183,7 +216,7 @@ def _write(rows, ceil, out: Path):
     import triton
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+    meta = dict(gpu=_device_name(), torch=torch.__version__,
                 triton=triton.__version__, commit=_commit(), python=platform.python_version(),
                 **{k: f"{v:.1f}" for k, v in ceil.items()})
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
@@ -209,7 +242,7 @@ def _plot(rows, out: Path):
     sel = [r for r in rows if r["path"] == "logits" and r["mode"] == "fwd+bwd"]
     if not sel:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for prov in sorted({r["provider"] for r in sel}):
         pts = []
         for r in sel:
@@ -217,12 +250,12 @@ def _plot(rows, out: Path):
                 b, t, v = (int(n) for n in r["shape"].split("x"))
                 pts.append((v, r["ms"], b * t, r["peak_GiB"]))
         pts.sort()
-        a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
         pts.sort(key=lambda p: p[2])
-        b.plot([p[2] for p in pts], [p[3] for p in pts], "o-", label=prov)
-    a.set(xlabel="vocab", ylabel="fwd+bwd ms", title="time vs vocab")
-    b.set(xlabel="tokens (B*T)", ylabel="peak GiB above inputs", title="memory vs tokens")
-    a.legend()
+        ax_m.plot([p[2] for p in pts], [p[3] for p in pts], "o-", label=prov)
+    ax_t.set(xlabel="vocab", ylabel="fwd+bwd ms", title="time vs vocab")
+    ax_m.set(xlabel="tokens (B*T)", ylabel="peak GiB above inputs", title="memory vs tokens")
+    ax_t.legend()
     fig.tight_layout()
     fig.savefig(out / "logits.png", dpi=110)
 
@@ -233,26 +266,38 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["logits", "hidden", "sweep", "all"], nargs="?", default="all")
     ap.add_argument("--quick", action="store_true", help="forward and fwd+bwd only (no backward alone)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of provider names")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated BxTxV (logits) or BxTxHxV (hidden) instead of the defaults")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: smoke-run the same code paths on tiny shapes (timings meaningless)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench needs a CUDA GPU; for the CPU benchmark run `make bench-cpu`.", file=sys.stderr)
         return 2
     from .providers import hidden_providers, logits_providers
 
     modes = ["forward", "fwd+bwd"] if args.quick else ["forward", "backward", "fwd+bwd"]
     ceil = ceilings()
-    print(f"{torch.cuda.get_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, "
+    print(f"{_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
     rows: list[dict] = []
     want = set(args.providers.split(",")) if args.providers else None
     pick = lambda d: {k: v for k, v in d.items() if want is None or k in want}
+    given = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
     if args.what in ("logits", "all"):
-        bench_logits(LOGITS_SHAPES, pick(logits_providers()), ceil, rows, modes)
+        shapes = [s for s in given if len(s) == 3] or LOGITS_SHAPES
+        bench_logits(shapes, pick(logits_providers()), ceil, rows, modes)
     if args.what == "sweep":
         bench_logits(LOGITS_SWEEP, pick(logits_providers()), ceil, rows, modes)
     if args.what in ("hidden", "all"):
-        bench_hidden(HIDDEN_SHAPES, pick(hidden_providers()), ceil, rows, modes)
+        shapes = [s for s in given if len(s) == 4] or HIDDEN_SHAPES
+        bench_hidden(shapes, pick(hidden_providers()), ceil, rows, modes)
+    if not rows:
+        print("no rows measured")
+        return 1
     _write(rows, ceil, Path(args.out))
     return 0
 

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a machine with no network (torch, triton, transformers preinstalled).
 # Installs this checkout without dependencies, runs the CUDA tests (compiled kernels, realistic
-# vocabularies, B*T*V > 2**31), then the timing table. Logs and CSV land under $OUT.
-# Budget: about 5 minutes on an H100; each stage has its own timeout so the table always prints.
+# vocabularies, B*T*V > 2**31), a block-size sweep, the timing tables (logits path, hidden-state
+# path) and one DPO training step. Budget: about 5 minutes on an H100; every stage has its own
+# timeout so a slow stage cannot starve the next.
+#
+# Under $OUT (at most 8 files come back from the device tool): gpu_check.log, logits/results.csv,
+# logits/logits.png, hidden/results.csv.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu_out}
 mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+stage() { echo; echo "== $* =="; }
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null || true
 
-echo "== CUDA tests =="
-timeout 150 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  stage "CUDA tests"
+  timeout 150 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
-echo "== block-size sweep (forward+backward, 8x1024x128256 bf16) =="
-for blk in 1024 2048 4096 8192; do
-  FUSED_DPO_BLOCK_V=$blk timeout 60 python3 -m bench logits --quick --providers fused_triton \
-    --out "$OUT/sweep_$blk" 2>&1 | grep -E "8x1024x128256" | sed "s/^/BLOCK_V=$blk /"
-done | tee "$OUT/block_sweep.log"
+  stage "block-size sweep: fused_triton, fwd and fwd+bwd, 8x1024x128256 bf16"
+  for blk in 1024 2048 4096 8192; do
+    FUSED_DPO_BLOCK_V=$blk timeout 60 python3 -m bench logits --quick --providers fused_triton \
+      --shapes 8x1024x128256 --out "/tmp/sweep_$blk" 2>&1 | grep -E "^logits" | sed "s/^/BLOCK_V=$blk /"
+  done
 
-echo "== timing table =="
-timeout 240 python3 -m bench all --quick --providers eager,torch.compile,fused_triton,liger_ce,cut_ce \
-  --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+  stage "logits path"
+  timeout 150 python3 -m bench logits --quick \
+    --providers fused_triton,eager,torch.compile,liger_ce --out "$OUT/logits" 2>&1
 
-echo "== DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16) =="
-timeout 120 python3 -m bench.train_step 2>&1 | tee "$OUT/train_step.log" | tail -5
-echo "== done; logs and CSV under $OUT =="
+  stage "hidden-state path"
+  timeout 120 python3 -m bench hidden --quick --providers fused_triton,eager,cut_ce \
+    --out "$OUT/hidden" 2>&1
+
+  stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16)"
+  timeout 120 python3 -m bench.train_step 2>&1
+  stage "done"
+} 2>&1 | tee "$LOG"
