@@ -145,26 +145,8 @@ def bench_logits(shapes, providers, ceil, rows, modes):
             "backward": resp_rows * V * 2 + B * T * V * 2,
             "fwd+bwd": 2 * resp_rows * V * 2 + B * T * V * 2,
         }
-        for name, fn in providers.items():
-            if fn is None:
-                print(f"  {name}: not installed, skipped")
-                continue
-            try:
-                with torch.no_grad():
-                    err = _rel_err(fn(logits, ids, mask), truth)
-                for mode in modes:
-                    (med, p20, p80), peak = _time(fn, mode, (logits, ids, mask))
-                    gbps = floor_bytes[mode] / (med * 1e-3) / 1e9
-                    rows.append(dict(path="logits", shape=f"{B}x{T}x{V}", provider=name, mode=mode,
-                                     ms=med, p20=p20, p80=p80, peak_GiB=peak / 2**30,
-                                     floor_ms=floor_bytes[mode] / (ceil["copy_GBps"] * 1e9) * 1e3,
-                                     GBps=gbps, pct_roofline=100 * gbps / ceil["copy_GBps"],
-                                     rel_err=err))
-                    _print_row(rows[-1])
-            except torch.cuda.OutOfMemoryError:
-                print(f"  {name} {B}x{T}x{V}: out of memory")
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+        _run_providers("logits", f"{B}x{T}x{V}", providers, (logits, ids, mask), truth, modes,
+                       floor_bytes, ceil["copy_GBps"] * 1e9, "GBps", rows)
         del logits
 
 
@@ -181,27 +163,35 @@ def bench_hidden(shapes, providers, ceil, rows, modes):
         resp_rows = float(mask[:, 1:].sum())
         mm = 2 * resp_rows * H * V
         flops = {"forward": mm, "backward": 3 * mm, "fwd+bwd": 4 * mm}
-        for name, fn in providers.items():
-            if fn is None:
-                print(f"  {name}: not installed, skipped")
-                continue
-            try:
-                with torch.no_grad():
-                    err = _rel_err(fn(hidden, weight, ids, mask), truth)
-                for mode in modes:
-                    (med, p20, p80), peak = _time(fn, mode, (hidden, weight, ids, mask))
-                    tf = flops[mode] / (med * 1e-3) / 1e12
-                    rows.append(dict(path="hidden", shape=f"{B}x{T}x{H}x{V}", provider=name,
-                                     mode=mode, ms=med, p20=p20, p80=p80, peak_GiB=peak / 2**30,
-                                     floor_ms=flops[mode] / (ceil["matmul_TFLOPs"] * 1e12) * 1e3,
-                                     TFLOPs=tf, pct_roofline=100 * tf / ceil["matmul_TFLOPs"],
-                                     rel_err=err))
-                    _print_row(rows[-1])
-            except torch.cuda.OutOfMemoryError:
-                print(f"  {name} {B}x{T}x{H}x{V}: out of memory")
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+        _run_providers("hidden", f"{B}x{T}x{H}x{V}", providers, (hidden, weight, ids, mask), truth,
+                       modes, flops, ceil["matmul_TFLOPs"] * 1e12, "TFLOPs", rows)
         del hidden, weight
+
+
+def _run_providers(path, shape, providers, inputs, truth, modes, work, rate, unit, rows):
+    """Time every provider on one input set. `work[mode]` is the floor's bytes or flops and `rate`
+    the measured ceiling in the same unit per second; each row reports the achieved rate in `unit`
+    (GBps = 1e9 B/s, TFLOPs = 1e12 flop/s) and its share of the ceiling."""
+    scale = {"GBps": 1e9, "TFLOPs": 1e12}[unit]
+    for name, fn in providers.items():
+        if fn is None:
+            print(f"  {name}: not installed, skipped")
+            continue
+        try:
+            with torch.no_grad():
+                err = _rel_err(fn(*inputs), truth)
+            for mode in modes:
+                (med, p20, p80), peak = _time(fn, mode, inputs)
+                achieved = work[mode] / (med * 1e-3)
+                rows.append(dict(path=path, shape=shape, provider=name, mode=mode, ms=med, p20=p20,
+                                 p80=p80, peak_GiB=peak / 2**30, floor_ms=work[mode] / rate * 1e3,
+                                 **{unit: achieved / scale}, pct_roofline=100 * achieved / rate,
+                                 rel_err=err))
+                _print_row(rows[-1])
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {name} {shape}: out of memory")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _print_row(r):
