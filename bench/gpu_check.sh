@@ -3,7 +3,7 @@
 # Installs this checkout without dependencies, runs the CUDA tests (compiled kernels, realistic
 # vocabularies, B*T*V > 2**31), a block-size sweep, the timing tables (logits path, hidden-state
 # path) and one DPO training step. Expected about 5 minutes on an H100; the stage timeouts add up
-# to 600 s, so the whole script ends inside one 10-minute device call whatever happens.
+# to 590 s, so the whole script ends inside one 10-minute device call whatever happens.
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log, logits/results.csv,
 # logits/logits.png, hidden/results.csv.
@@ -31,7 +31,7 @@ stage() { echo; echo "== $* =="; }
   done
 
   stage "logits path: the issue's three shapes plus a short vocab sweep"
-  timeout 150 python3 -m bench logits --quick \
+  timeout 140 python3 -m bench logits --quick \
     --shapes 8x1024x128256,4x4096x151936,8x2048x32000,8x1024x256000,2x1024x128256 \
     --providers fused_triton,eager,torch.compile,liger_ce --out "$OUT/logits" 2>&1
 
