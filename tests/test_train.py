@@ -222,3 +222,15 @@ def test_smollm2_from_the_wheel_step0_is_log2(tmp_path):
                              learning_rate=1e-6))
     r = t.train(progress=False)
     assert abs(r["metrics"][0]["loss"] - math.log(2)) < 1e-5
+
+
+def test_margin_explosion_preset_flags_the_failing_run_only(tmp_path, capsys):
+    rc = cli_main(["--preset", "margin-explosion", "--max-steps", "40", "--eval-steps", "40",
+                   "--no-progress", "--output-dir", str(tmp_path)])
+    assert rc == 0
+    bad = (tmp_path / "margin-explosion" / "health.md").read_text()
+    good = (tmp_path / "margin-explosion-fixed" / "health.md").read_text()
+    assert "effective_batch_1" in bad
+    assert "No health flags were raised." in good
+    cfg = json.loads((tmp_path / "margin-explosion" / "config.json").read_text())
+    assert (cfg["batch_size"], cfg["loss_reduction"], cfg["beta"]) == (1, "sum", 0.1)
