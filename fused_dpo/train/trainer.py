@@ -239,9 +239,14 @@ class DPOTrainer:
         if self.config.loss_reduction == "sum":
             loss = loss * B
         tokens = counts.float().mean()
-        kl = ((logps - ref) / counts.clamp_min(1)).mean() if ref is not None else torch.zeros(())
-        metrics = {**metrics, "kl_estimate": kl.detach(), "tokens_per_response": tokens,
-                   "tokens": batch["attention_mask"].sum()}
+        metrics = {**metrics, "tokens_per_response": tokens, "tokens": batch["attention_mask"].sum()}
+        if ref is not None:
+            with torch.no_grad():
+                ratio = logps - ref
+                metrics["kl_estimate"] = (ratio / counts.clamp_min(1)).mean()
+                # Mean |margin| over pairs: exactly 0 at policy == reference, and first-order in any
+                # difference (the loss is only second-order in symmetric noise such as dropout).
+                metrics["rewards/margins_abs"] = (self.config.beta * (ratio[:B] - ratio[B:])).abs().mean()
         return loss, metrics
 
     def train_step(self) -> dict[str, float] | None:
@@ -346,6 +351,8 @@ class DPOTrainer:
             kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] < self.step]
             atomic_write_text(metrics_path, "".join(kept))
         else:
+            torch.manual_seed(cfg.seed)  # dropout, if enabled, is the only randomness in a step
+            random.seed(cfg.seed)
             atomic_write_text(metrics_path, "")
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             self._announce(self.monitor.check_config(cfg.effective_batch_size))
