@@ -234,3 +234,24 @@ def test_margin_explosion_preset_flags_the_failing_run_only(tmp_path, capsys):
     assert "No health flags were raised." in good
     cfg = json.loads((tmp_path / "margin-explosion" / "config.json").read_text())
     assert (cfg["batch_size"], cfg["loss_reduction"], cfg["beta"]) == (1, "sum", 0.1)
+
+
+def test_logps_head_with_bias_under_bf16_autocast_matches_full_logits():
+    from fused_dpo import get_logps
+    from fused_dpo.train.trainer import LogpsHead
+
+    model = tiny_llama(len(TOK), seed=0)
+    model.lm_head = torch.nn.Linear(64, len(TOK), bias=True)
+    with torch.no_grad():
+        model.lm_head.bias.copy_(torch.randn(len(TOK), generator=torch.Generator().manual_seed(0)) * 3)
+    batch = collate(tokenize(ROWS[:3], TOK, 64).pairs, TOK.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, counts = LogpsHead(model, "torch")(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    eager = get_logps(logits.float(), batch["input_ids"], batch["response_mask"], impl="reference")
+    torch.testing.assert_close(fused.float(), eager, rtol=2e-2, atol=0.5)
+    model.lm_head.bias = None  # the bias matters far beyond that tolerance
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        no_bias, _ = LogpsHead(model, "torch")(batch)
+    assert (no_bias.float() - eager).abs().max() > 5.0
+    assert counts.tolist() == batch["response_mask"][:, 1:].sum(-1).float().tolist()

@@ -78,8 +78,9 @@ class LogpsHead:
         if self.fused:
             hidden = self.base(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).last_hidden_state
+            bias = self.head.bias.to(hidden.dtype) if self.head.bias is not None else None
             return get_logps_from_hidden(hidden, self.head.weight.to(hidden.dtype), batch["input_ids"],
-                                         batch["response_mask"], bias=self.head.bias, **kw)
+                                         batch["response_mask"], bias=bias, **kw)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return get_logps(logits, batch["input_ids"], batch["response_mask"], **kw)
 
