@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return train(rest)
     if cmd == "bench":
-        from bench.__main__ import main as bench
-
+        try:
+            from bench.__main__ import main as bench
+        except ImportError:
+            print("the benchmarks live in the repository's bench/ folder: run `python -m bench` "
+                  "from a checkout", file=sys.stderr)
+            return 2
         return bench(rest)
     print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
     return 2

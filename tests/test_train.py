@@ -255,3 +255,10 @@ def test_logps_head_with_bias_under_bf16_autocast_matches_full_logits():
         no_bias, _ = LogpsHead(model, "torch")(batch)
     assert (no_bias.float() - eager).abs().max() > 5.0
     assert counts.tolist() == batch["response_mask"][:, 1:].sum(-1).float().tolist()
+
+
+def test_top_level_cli_dispatch(capsys):
+    from fused_dpo.cli import main as top
+
+    assert top([]) == 0 and "usage" in capsys.readouterr().out
+    assert top(["nope"]) == 2
