@@ -27,7 +27,8 @@ class _TokenLogps(torch.autograd.Function):
     def backward(ctx, grad_tok):
         logits, targets, w, lse = ctx.saved_tensors
         inv_temp, softcap, rows, inplace_backward = ctx.args
-        coef = (grad_tok * w).contiguous()
+        # where, not a product: a NaN upstream must not turn prompt rows (w == 0) into reads.
+        coef = torch.where(w != 0, grad_tok * w, 0.0).contiguous()
         if inplace_backward:
             grad = logits
         else:
