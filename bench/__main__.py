@@ -190,6 +190,8 @@ def _run_providers(path, shape, providers, inputs, truth, modes, work, rate, uni
                 _print_row(rows[-1])
         except torch.cuda.OutOfMemoryError:
             print(f"  {name} {shape}: out of memory")
+        except Exception as e:  # an optional competitor's API drift must not end the whole table
+            print(f"  {name} {shape}: FAILED {type(e).__name__}: {e}")
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 

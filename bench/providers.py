@@ -31,12 +31,16 @@ def logits_providers() -> dict:
         "trl_row_loop": _trl_row_loop,
     }
     try:
-        from liger_kernel.transformers.functional import liger_cross_entropy
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger_ce = LigerCrossEntropyLoss(reduction="none")
 
         def liger(x, i, m):
+            # Per-token cross-entropy, then summed per sequence (how Liger is used for DPO logps).
             B, T, V = x.shape
             tgt = torch.where(m[:, 1:], i[:, 1:], -100).reshape(-1)
-            nll = liger_cross_entropy(x[:, :-1].reshape(-1, V), tgt, reduction="none")
+            nll = liger_ce(x[:, :-1].reshape(-1, V), tgt)
+            nll = nll[0] if isinstance(nll, tuple) else nll
             return -nll.view(B, T - 1).float().sum(-1)
 
         p["liger_ce"] = liger
@@ -55,10 +59,11 @@ def hidden_providers() -> dict:
         from cut_cross_entropy import linear_cross_entropy
 
         def cce(h, w, i, m):
+            # Shifted by hand (not CCE's own shift) so the output shape is unambiguous: (B, T-1).
             B, T, _ = h.shape
-            tgt = torch.where(m, i, -100)
-            nll = linear_cross_entropy(h, w, tgt, reduction="none", shift=1)
-            return -nll.view(B, T - 1).float().sum(-1)
+            tgt = torch.where(m[:, 1:], i[:, 1:], -100)
+            nll = linear_cross_entropy(h[:, :-1], w, tgt, reduction="none")
+            return -nll.reshape(B, T - 1).float().sum(-1)
 
         p["cut_ce"] = cce
     except ImportError:
