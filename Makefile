@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check bench-cpu lint clean
+.PHONY: run test check bench-cpu gpu-wheels lint clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 bench-cpu: $(STAMP)
 	$(BIN)/python -m pytest bench/test_cpu_bench.py -q -s --benchmark-only -p no:cacheprovider \
 		--benchmark-columns=median,min,max 2>&1 | grep -v USDT
+
+# Competitors for the GPU tables travel as wheels (the GPU machine has no network; both are pure
+# Python and their needs, torch and triton, are on its image). Carry `.whl` with the device call.
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		liger-kernel cut-cross-entropy
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff

@@ -20,6 +20,12 @@ stage() { echo; echo "== $* =="; }
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
+  if ls .whl/*.whl >/dev/null 2>&1; then  # Liger-Kernel, Cut-CE brought by `make gpu-wheels`
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "no .whl/: Liger-Kernel and Cut-CE rows will be skipped (make gpu-wheels, carry .whl)"
+  fi
 
   stage "CUDA tests"
   timeout 120 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
