@@ -30,10 +30,13 @@ stage() { echo; echo "== $* =="; }
   stage "CUDA tests"
   timeout 120 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
-  stage "block-size sweep: fused_triton, fwd and fwd+bwd, 8x1024x128256 bf16"
-  for blk in 1024 2048 4096 8192; do
-    FUSED_DPO_BLOCK_V=$blk timeout 45 python3 -m bench logits --quick --providers fused_triton \
-      --shapes 8x1024x128256 --out "/tmp/sweep_$blk" 2>&1 | grep -E "^logits" | sed "s/^/BLOCK_V=$blk /"
+  stage "forward variants x block sizes: fused_triton, fwd and fwd+bwd, 8x1024x128256 bf16"
+  for lse in block lane; do
+    for blk in 2048 4096 8192; do
+      FUSED_DPO_LSE=$lse FUSED_DPO_BLOCK_V=$blk timeout 30 python3 -m bench logits --quick \
+        --providers fused_triton --shapes 8x1024x128256 --out "/tmp/sweep_${lse}_$blk" 2>&1 \
+        | grep -E "^logits" | sed "s/^/LSE=$lse BLOCK_V=$blk /"
+    done
   done
 
   stage "logits path: the issue's three shapes plus a short vocab sweep"

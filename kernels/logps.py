@@ -45,7 +45,7 @@ def _row_stats_kernel(
     stride_wb, stride_wr,
     ignore_index, label_shift, inv_temp, softcap,
     HAS_WEIGHTS: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    LANE_MAX: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // R
@@ -63,7 +63,13 @@ def _row_stats_kernel(
     if w != 0.0:
         x_row = x_ptr + b * stride_xb + r * stride_xr
         scale = inv_temp * LOG2E  # z2 = z * LOG2E: the base-2 exponent
-        m = tl.full([], float("-inf"), ACC)
+        # Running max m and lane-wise sums s (sum_lane s * 2^m = sum 2^z2). Two variants, chosen
+        # at compile time: a block-wide max (one exp2 per element, one cross-warp max reduction
+        # per block) or a per-lane max (no reduction inside the loop, two exp2 per element).
+        if LANE_MAX:
+            m = tl.full([BLOCK_V], float("-inf"), ACC)
+        else:
+            m = tl.full([], float("-inf"), ACC)
         s = tl.zeros([BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -71,11 +77,19 @@ def _row_stats_kernel(
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
             # Re-mask after the transform: softcap would map a -inf pad to -c, not -inf.
             z2 = tl.where(inside, _softcap(x, softcap, HAS_SOFTCAP) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z2, 0))
+            if LANE_MAX:
+                m_new = tl.maximum(m, z2)
+            else:
+                m_new = tl.maximum(m, tl.max(z2, 0))
             # A block (or row prefix) of only -inf would give exp2(-inf - -inf) = NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp2(m - m_ref) + tl.exp2(z2 - m_ref)
             m = m_new
+        if LANE_MAX:
+            m_row = tl.max(m, 0)
+            m_row_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
+            s = s * tl.exp2(m - m_row_ref)
+            m = m_row
         lse = (m + tl.log2(tl.sum(s, 0))) * LN2
         col = label - label_shift
         in_range = (col >= 0) & (col < V)
@@ -128,6 +142,14 @@ def _row_grad_kernel(
 
 
 _ACC = {torch.float64: tl.float64}
+
+
+def lane_max() -> bool:
+    """FUSED_DPO_LSE=lane selects the per-lane-max forward (for A/B on a GPU); default block."""
+    mode = os.environ.get("FUSED_DPO_LSE", "block")
+    if mode not in ("block", "lane"):
+        raise ValueError(f"FUSED_DPO_LSE must be 'block' or 'lane', got {mode!r}")
+    return mode == "lane"
 
 
 def launch_config(V: int) -> tuple[int, int]:
@@ -184,7 +206,7 @@ def row_stats(
         ignore_index if ignore_index is not None else 0, label_shift, inv_temp,
         softcap if softcap is not None else 1.0,
         HAS_WEIGHTS=weights is not None, HAS_IGNORE=ignore_index is not None,
-        HAS_SOFTCAP=softcap is not None, ACC=_ACC.get(x.dtype, tl.float32),
+        HAS_SOFTCAP=softcap is not None, LANE_MAX=lane_max(), ACC=_ACC.get(x.dtype, tl.float32),
         BLOCK_V=block, num_warps=warps,
     )
     return lse, zy

@@ -62,8 +62,9 @@ def _ptxas_report(ptx, cc, tmp_path):
 
 BLOCKS = sorted({K.launch_config(V) for V in (123, 32000, 128256, 151936, 256000)})
 STATS = [
-    dict(HAS_WEIGHTS=w, HAS_IGNORE=i, HAS_SOFTCAP=c)
-    for (w, i), c in itertools.product([(True, False), (False, True), (False, False)], [False, True])
+    dict(HAS_WEIGHTS=w, HAS_IGNORE=i, HAS_SOFTCAP=c, LANE_MAX=lane)
+    for (w, i), c, lane in itertools.product([(True, False), (False, True), (False, False)],
+                                             [False, True], [False, True])
 ]
 GRAD = [dict(HAS_SOFTCAP=c) for c in (False, True)]
 CASES = [
@@ -78,7 +79,7 @@ CASES = [
 
 def _id(case):
     fn, flags, elem, (block, warps), cc = case
-    on = "-".join(k[4:].lower() for k, v in flags.items() if v) or "plain"
+    on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v) or "plain"
     return f"{fn.__name__.strip('_')}-{on}-{elem}-B{block}w{warps}-sm{cc}"
 
 
