@@ -127,13 +127,13 @@ def get_logps_from_hidden(
     V = weight.shape[0]
     if weight.shape[1] != H:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden has H = {H}")
+    if bias is not None:
+        _common.check_float("bias", bias, 1)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has V = {V}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if name == "bias":
-            _common.check_float("bias", t, 1)
-            if t.shape[0] != V:
-                raise ValueError(f"bias has shape {tuple(t.shape)} but weight has V = {V}")
         if t.dtype != hidden.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
         if t.device != hidden.device:
@@ -164,4 +164,4 @@ def get_logps_from_hidden(
     row_logps = _HiddenRowLogps.apply(h_rows, weight, bias, lab_rows, 1.0 / temperature, softcap, rows, chunk)
     tok = torch.zeros(B * max(T - 1, 0), dtype=acc, device=hidden.device)
     tok = tok.index_put((idx,), w.index_select(0, idx) * row_logps).view(B, max(T - 1, 0))
-    return reduce_token_logps(tok, tg.weights.to(acc), reduction, return_counts)
+    return reduce_token_logps(tok, w.view(tok.shape), reduction, return_counts)
