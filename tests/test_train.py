@@ -262,3 +262,14 @@ def test_top_level_cli_dispatch(capsys):
 
     assert top([]) == 0 and "usage" in capsys.readouterr().out
     assert top(["nope"]) == 2
+
+
+@pytest.mark.parametrize("kw", [dict(loss_type=["sigmoid", "sft"]), dict(rpo_alpha=0.5),
+                                dict(loss_type="ipo")], ids=["sft-term", "rpo", "ipo"])
+def test_step0_check_only_where_the_loss_is_constant(tmp_path, kw):
+    # Terms that read the policy's own log-probs make the step-0 loss data-dependent: no flag then;
+    # IPO is constant at policy == reference ((1 / 2 beta)^2) and stays checked and silent.
+    t = make_trainer(tmp_path, max_steps=1, **kw)
+    r = t.train(progress=False)
+    assert "step0_loss" not in _flags(r)
+    assert (t.monitor.expected_step0_loss is None) == ("loss_type" not in kw or kw["loss_type"] != "ipo")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import get_logps, get_logps_from_hidden
-from ..losses import BCOState, dpo_loss
+from ..losses import REFERENCE_FREE, BCOState, dpo_loss
 from .config import DPOConfig
 from .data import Tokenized, collate, tokenize
 from .health import HealthMonitor
@@ -159,9 +159,12 @@ class DPOTrainer:
         return f
 
     def _expected_step0_loss(self) -> float | None:
-        """The loss at policy == reference (log 2 for DPO); None for reference-free losses."""
+        """The loss at policy == reference (log 2 for DPO). None when it is not a constant there:
+        a reference that is not a copy of the policy, or any term that reads the policy's
+        log-probs themselves (reference-free losses, the RPO NLL term)."""
         cfg = self.config
-        if cfg.reference == "none" or not self.ref_is_copy:
+        if (cfg.reference == "none" or not self.ref_is_copy or cfg.rpo_alpha is not None
+                or any(t in REFERENCE_FREE for t in cfg.loss_type)):
             return None
         z = torch.zeros(1, dtype=torch.float64)
         loss, _ = dpo_loss(z - 1, z - 1, z - 1, z - 1, chosen_counts=z + 1, rejected_counts=z + 1,
