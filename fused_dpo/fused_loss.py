@@ -4,6 +4,8 @@ from `fused_dpo.losses`."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .hidden import get_logps_from_hidden
@@ -66,6 +68,13 @@ def dpo_loss_from_hidden(
     return dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **loss_kwargs)
 
 
+# dpo_loss's keyword options, less the token counts that dpo_loss_from_hidden supplies itself.
+_LOSS_OPTIONS = {
+    name: p for name, p in inspect.signature(dpo_loss).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("chosen_counts", "rejected_counts")
+}
+
+
 class FusedDPOLoss(torch.nn.Module):
     """Module form of `dpo_loss_from_hidden` holding the loss options.
 
@@ -79,12 +88,16 @@ class FusedDPOLoss(torch.nn.Module):
         self.options = dict(temperature=temperature, softcap=softcap, impl=impl,
                             chunk_size=chunk_size)
         self.loss_kwargs = loss_kwargs
-        # Fail at construction, not at the first batch.
-        check_loss_options(
-            loss_kwargs.get("loss_type", "sigmoid"), loss_kwargs.get("loss_weights"),
-            loss_kwargs.get("beta", 0.1), loss_kwargs.get("label_smoothing", 0.0),
-            loss_kwargs.get("reduction", "mean"), loss_kwargs.get("rpo_alpha"),
-        )
+        # Fail at construction, not at the first batch: an unknown name (a typo such as `losstype`)
+        # and a bad value alike.
+        unknown = sorted(set(loss_kwargs) - set(_LOSS_OPTIONS))
+        if unknown:
+            raise TypeError(f"FusedDPOLoss got unknown keyword(s) {unknown}; "
+                            f"loss options are {list(_LOSS_OPTIONS)}")
+        defaults = {k: p.default for k, p in _LOSS_OPTIONS.items()}
+        o = {**defaults, **loss_kwargs}
+        check_loss_options(o["loss_type"], o["loss_weights"], o["beta"], o["label_smoothing"],
+                           o["reduction"], o["rpo_alpha"], o["simpo_gamma"], o["discopop_tau"])
 
     def forward(self, hidden, weight, input_ids, response_mask, **kw):
         return dpo_loss_from_hidden(hidden, weight, input_ids, response_mask,

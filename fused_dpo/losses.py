@@ -162,8 +162,14 @@ def _check(name, t, like):
         raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_chosen_logps has {tuple(like.shape)}")
 
 
+def _is_number(x) -> bool:
+    # bool is an int subclass: `beta = true` in a config file must not read as beta = 1.
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_loss_options(
-    loss_type, loss_weights=None, beta=0.1, label_smoothing=0.0, reduction="mean", rpo_alpha=None
+    loss_type, loss_weights=None, beta=0.1, label_smoothing=0.0, reduction="mean", rpo_alpha=None,
+    simpo_gamma=0.5, discopop_tau=0.05,
 ) -> tuple[list[str], list[float]]:
     """Validate the scalar options of `dpo_loss`; returns (loss types, their weights)."""
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -175,14 +181,22 @@ def check_loss_options(
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    for w in weights:
+        if not (_is_number(w) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"loss_weights must be finite numbers >= 0, got {weights!r}")
+    if not (_is_number(beta) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (0.0 <= label_smoothing < 0.5):
+    if not (_is_number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if rpo_alpha is not None and rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha!r}")
+    if rpo_alpha is not None and not (_is_number(rpo_alpha) and math.isfinite(rpo_alpha)
+                                      and rpo_alpha >= 0):
+        raise ValueError(f"rpo_alpha must be a finite number >= 0 (or None), got {rpo_alpha!r}")
+    if not (_is_number(simpo_gamma) and math.isfinite(simpo_gamma)):
+        raise ValueError(f"simpo_gamma must be a finite number, got {simpo_gamma!r}")
+    if not (_is_number(discopop_tau) and math.isfinite(discopop_tau) and discopop_tau > 0):
+        raise ValueError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")
     return types, weights
 
 
@@ -211,27 +225,30 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model
             (precomputed or not); required by every loss except simpo, orpo and sft.
         loss_type: one name of LOSS_TYPES or a list, combined as sum_k weight_k * loss_k (MPO).
-        loss_weights: one weight per loss type (default 1 each).
+        loss_weights: one finite weight >= 0 per loss type (default 1 each).
         beta: > 0. label_smoothing: in [0, 0.5) (cDPO / robust / EXO / SimPO).
         chosen_counts, rejected_counts: (B,) response token counts; needed by ipo, simpo, orpo
             and sft (get_logps(..., return_counts=True) gives them).
-        simpo_gamma: SimPO target margin. discopop_tau: DiscoPOP temperature.
+        simpo_gamma: SimPO target margin (finite). discopop_tau: DiscoPOP temperature (> 0).
         rpo_alpha: when set, adds rpo_alpha * the chosen mean NLL (RPO).
         bco_state: running reward mean for bco_pair (updated in place; required for it).
         reduction: "mean" over pairs, or "none" for the (B,) per-pair losses.
+        An empty batch (B = 0) is a ValueError.
 
     Returns:
         (loss, metrics): metrics are detached scalars named rewards/chosen, rewards/rejected,
         rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
     """
     types, weights = check_loss_options(
-        loss_type, loss_weights, beta, label_smoothing, reduction, rpo_alpha
+        loss_type, loss_weights, beta, label_smoothing, reduction, rpo_alpha, simpo_gamma, discopop_tau
     )
 
     pi_c, pi_r = policy_chosen_logps, policy_rejected_logps
     _check("policy_chosen_logps", pi_c, pi_c)
     if pi_c.dim() != 1:
         raise ValueError(f"policy_chosen_logps must be (B,), got shape {tuple(pi_c.shape)}")
+    if pi_c.shape[0] == 0:
+        raise ValueError("empty batch: policy_chosen_logps has 0 pairs (the mean of no losses is NaN)")
     _check("policy_rejected_logps", pi_r, pi_c)
     needs_ref = any(t not in REFERENCE_FREE for t in types)
     if needs_ref and (ref_chosen_logps is None or ref_rejected_logps is None):

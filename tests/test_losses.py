@@ -154,6 +154,14 @@ BAD = [
     (dict(loss_type="ipo"), ValueError, "chosen_counts"),
     (dict(loss_type="bco_pair"), ValueError, "bco_state"),
     (dict(reduction="sum"), ValueError, "reduction"),
+    (dict(beta=True), ValueError, "beta"),  # a bool is not a number (TOML `beta = true`)
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -0.5]), ValueError, "loss_weights"),
+    (dict(loss_weights=[float("nan")]), ValueError, "loss_weights"),
+    (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
+    (dict(loss_type="discopop", discopop_tau=-1.0), ValueError, "discopop_tau"),
+    (dict(simpo_gamma=float("nan")), ValueError, "simpo_gamma"),
+    (dict(rpo_alpha=float("nan"), chosen_counts=torch.ones(2), rejected_counts=torch.ones(2)),
+     ValueError, "rpo_alpha must be a finite number"),
 ]
 
 
@@ -171,3 +179,21 @@ def test_missing_reference_and_shape_mismatch():
     with pytest.raises(ValueError, match="has shape"):
         dpo_loss(z, torch.zeros(3), z, z)
     dpo_loss(z - 1, z - 1, loss_type="simpo", chosen_counts=z + 1, rejected_counts=z + 1)  # ok
+
+
+def test_empty_batch_is_an_error_not_nan():
+    z = torch.zeros(0)
+    with pytest.raises(ValueError, match="empty batch"):
+        dpo_loss(z, z, z, z)
+
+
+def test_fused_loss_module_rejects_unknown_and_bad_options_at_construction():
+    from fused_dpo import FusedDPOLoss
+
+    FusedDPOLoss(beta=0.2, loss_type="ipo", discopop_tau=0.1)  # ok
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['losstype'\]"):
+        FusedDPOLoss(losstype="ipo")
+    with pytest.raises(ValueError, match="discopop_tau"):
+        FusedDPOLoss(discopop_tau=0.0)
+    with pytest.raises(ValueError, match="simpo_gamma"):
+        FusedDPOLoss(simpo_gamma=float("nan"))
