@@ -1,13 +1,17 @@
-"""The GPU benchmark's code paths, run on the CPU on tiny shapes (timings meaningless): a GPU session
-has minutes, not hours, so its script must not die on a Python error there."""
+"""The GPU benchmark's code paths on tiny shapes (timings meaningless): a GPU session has minutes,
+not hours, so its script must not die on a Python error there.
+
+The bench runs on the device that is present (conftest's `device` fixture): without CUDA, conftest
+turns Triton's interpreter on and `fused_triton` runs on CPU tensors; with CUDA the interpreter is
+off, so `fused_triton` needs CUDA tensors and a `--device cpu` run would lose its rows."""
 
 import csv
 
 from bench.__main__ import main
 
 
-def test_bench_runs_and_writes_csv(tmp_path):
-    rc = main(["all", "--device", "cpu", "--quick", "--shapes", "2x16x64,2x16x8x64",
+def test_bench_runs_and_writes_csv(tmp_path, device):
+    rc = main(["all", "--device", device, "--quick", "--shapes", "2x16x64,2x16x8x64",
                "--providers", "fused_triton,fused_torch,eager,trl_row_loop", "--out", str(tmp_path)])
     assert rc == 0
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
@@ -27,6 +31,9 @@ def test_bench_runs_and_writes_csv(tmp_path):
 def test_train_step_bench_smoke(capsys):
     from bench.train_step import main as train_step
 
+    # CPU even on a GPU machine: train_step's CUDA mode is the full Qwen2-0.5B-shaped measurement
+    # (about a minute), not a smoke run, and on CPU tensors "auto" takes the torch path, which needs
+    # no interpreter.
     assert train_step(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     eager, fused = (float(x) for x in out.split("loss agreement: eager ")[1].split(" fused "))
