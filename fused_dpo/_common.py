@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,12 +32,13 @@ def check_float(name: str, t: torch.Tensor, ndim: int) -> None:
 
 @dataclass
 class Targets:
-    """Shifted targets for positions 0..T-2 (position t predicts token t+1)."""
+    """What the row kernels read for the scored positions: position t of the logits scores label
+    t + shift of `labels` (shift 1: next-token, the default; 0: already aligned)."""
 
-    targets: torch.Tensor  # (B, T-1) ids, a view
-    kernel_weights: torch.Tensor | None  # (B, T-1) mask view handed to the kernel, or None
+    labels: torch.Tensor  # (B, T) ids (input_ids, or labels in the HF convention)
+    mask: torch.Tensor | None  # (B, T) weights as given (bool/int/float), or None
     ignore_index: int | None  # set in the labels convention
-    weights: torch.Tensor  # (B, T-1) float32 weights; 0 = not a response position
+    name: str  # "input_ids" or "labels", for messages
 
 
 def check_options(reduction: str, temperature: float, softcap: float | None, impl: str) -> None:
@@ -52,18 +54,16 @@ def check_options(reduction: str, temperature: float, softcap: float | None, imp
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
-def prepare_targets(
+def check_targets(
     BT: tuple[int, int],
-    V: int,
     device: torch.device,
     input_ids: torch.Tensor | None,
     response_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     ignore_index: int,
-    validate: bool,
     what: str,
 ) -> Targets:
-    """Check ids/mask/labels against the (B, T) of `what` and build the shifted targets."""
+    """Check ids/mask/labels against the (B, T) of `what`. Metadata only: no tensor op, no sync."""
     if labels is not None and response_mask is not None:
         raise ValueError("pass either labels (with ignore_index) or response_mask, not both")
     if labels is None and input_ids is None:
@@ -78,39 +78,58 @@ def prepare_targets(
     for name, t in others:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if _shape(t) != BT:
+        if tuple(t.shape) != BT:
             raise ValueError(f"{name} has shape {_shape(t)} but {what} has (B, T) = {BT}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but {what} is on {device}")
-    for name, t in others:
         if name != "response_mask" and t.dtype not in ID_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; expected torch.int32 or torch.int64")
     if response_mask is not None and response_mask.dtype not in MASK_DTYPES:
         raise TypeError(f"response_mask has dtype {response_mask.dtype}; expected bool, int or float")
-
-    targets = ids[:, 1:]
     if labels is not None:
-        weights = (targets != ignore_index).to(torch.float32)
-        kernel_weights, ignore = None, ignore_index
-    elif response_mask is not None:
-        kernel_weights = response_mask[:, 1:]
-        if kernel_weights.dtype == torch.bool:
-            kernel_weights = kernel_weights.view(torch.uint8)  # zero-copy; kernels load bytes
-        weights = response_mask[:, 1:].to(torch.float32)
-        ignore = None
-    else:
-        weights = torch.ones(targets.shape, dtype=torch.float32, device=device)
-        kernel_weights, ignore = None, None
+        return Targets(labels, None, ignore_index, ids_name)
+    return Targets(input_ids, response_mask, None, ids_name)
 
-    if validate and targets.numel():
-        bad = (weights != 0) & ((targets < 0) | (targets >= V))
+
+def sync_allowed(device: torch.device) -> bool:
+    """False inside torch.compile tracing or CUDA graph capture, where a host sync is illegal."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def raise_bad_labels(tg: Targets, V: int, shift: int) -> None:
+    """The eager error for scored labels outside [0, V), naming the first position (slow path:
+    runs only once the kernels' count of such labels is known to be nonzero)."""
+    R = tg.labels.shape[1] - shift
+    lab = tg.labels[:, shift:]
+    if tg.mask is not None:
+        scored = tg.mask[:, shift:] != 0
+    elif tg.ignore_index is not None:
+        scored = lab != tg.ignore_index
+    else:
+        scored = torch.ones_like(lab, dtype=torch.bool)
+    bad = scored & ((lab < 0) | (lab >= V))
+    n = int(bad.sum())
+    if n == 0 or R <= 0:
+        return
+    b, t = (int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"{tg.name}[{b}, {t + shift}] = {int(lab[b, t])} is a scored position but "
+        f"outside the vocabulary [0, {V}) ({n} such positions)"
+    )
+
+
+def check_bad_count(bad: torch.Tensor, tg: Targets, V: int, shift: int) -> None:
+    """Validation from the kernels' per-sequence count of out-of-range scored labels: a clear
+    eager error (one host sync), or a device-side assert where no sync is allowed."""
+    if sync_allowed(bad.device):
         if bool(bad.any()):
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"{ids_name}[{b}, {t + 1}] = {int(targets[b, t])} is a response position but "
-                f"outside the vocabulary [0, {V}) ({int(bad.sum())} such positions)"
-            )
-    return Targets(targets, kernel_weights, ignore, weights)
+            raise_bad_labels(tg, V, shift)
+    else:
+        torch._assert_async(
+            (bad == 0).all(), f"fused_dpo: a scored {tg.name} id lies outside the vocabulary [0, {V})"
+        )
 
 
 def interpreter_on() -> bool:
@@ -118,27 +137,28 @@ def interpreter_on() -> bool:
 
 
 def backend(impl: str, device: torch.device) -> ModuleType:
-    """The module providing row_stats / row_grad for `impl` ("auto" already resolved or not)."""
+    """The launcher module for `impl` ("auto", "triton" or "torch"): row_stats / seq_reduce /
+    row_grad with the same arguments, from kernels/logps.py (Triton) or _torch_rows.py (chunked
+    PyTorch). "auto" is Triton on CUDA when it is installed, else PyTorch."""
     if impl == "auto":
         impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if impl == "torch":
         from . import _torch_rows
 
         return _torch_rows
-    if impl == "triton":
-        if not _triton_available():
-            raise ValueError("impl='triton' needs the triton package; install fused_dpo[triton]")
-        if device.type != "cuda" and not interpreter_on():
-            raise ValueError(
-                f"impl='triton' got tensors on {device}; Triton kernels need CUDA tensors "
-                "(or TRITON_INTERPRET=1 set before triton is imported, for testing on CPU)"
-            )
-        from .kernels import logps
+    if not _triton_available():
+        raise ValueError("impl='triton' needs the triton package; install fused_dpo[triton]")
+    if device.type != "cuda" and not interpreter_on():
+        raise ValueError(
+            f"impl='triton' got tensors on {device}; Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is imported, for testing on CPU)"
+        )
+    from .kernels import logps
 
-        return logps
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return logps
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -1,8 +1,9 @@
-"""Chunked PyTorch twin of kernels/logps.py: the same two row operations, same arguments.
+"""Chunked PyTorch twin of kernels/logps.py: the same three launchers, same arguments, same math.
 
-Used on CPU and on GPUs without Triton. Rows are processed a chunk at a time so that no float32
-tensor larger than about `FUSED_DPO_TORCH_CHUNK_BYTES` (default 64 MiB) ever exists, whatever the
-batch, length or vocabulary.
+Used on the CPU and on GPUs without Triton. Rows are processed a chunk at a time so that the
+temporaries stay near `FUSED_DPO_TORCH_CHUNK_BYTES` (default 8 MiB per (rows, V) float32 block,
+two such blocks live at once), whatever the batch, length or vocabulary. Elementwise steps run in
+place on the chunk for that reason.
 """
 
 from __future__ import annotations
@@ -11,69 +12,135 @@ import os
 
 import torch
 
+SUM, MEAN, NONE = 0, 1, 2
+REDUCTION_CODE = {"sum": SUM, "mean": MEAN, "none": NONE}
+
 
 def _chunk_rows(V: int) -> int:
-    budget = int(os.environ.get("FUSED_DPO_TORCH_CHUNK_BYTES", str(64 * 2**20)))
-    # z, exp(z) and one more temporary in the accumulation dtype per element.
-    return max(1, budget // (3 * 4 * max(V, 1)))
+    budget = int(os.environ.get("FUSED_DPO_TORCH_CHUNK_BYTES", str(8 * 2**20)))
+    return max(1, budget // (8 * max(V, 1)))  # 8 = one float64 or two float32 per element
 
 
-def _transform(x: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor:
+def _transform_(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor:
+    """softcap(z) * inv_temp, in place on a temporary."""
     if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
-    return x * inv_temp
+        z.div_(softcap).tanh_().mul_(softcap)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z
 
 
-def _chunks(x: torch.Tensor):
-    B, R, V = x.shape
-    step = _chunk_rows(V)
+def _row_chunks(x, R, row_index):
+    """Yield (b0, r0, r1, b, r): rows x[b0, r0:r1] and the (batch, position) pairs they score, as
+    int64 (n,) tensors; with `row_index` x is (1, M, V) and row i scores flat row_index[i]."""
+    step = _chunk_rows(x.shape[-1])
+    if row_index is not None:
+        for i0 in range(0, row_index.numel(), step):
+            i1 = min(row_index.numel(), i0 + step)
+            flat = row_index[i0:i1].long()
+            yield 0, i0, i1, flat // R, flat % R
+        return
+    B, Tx = x.shape[0], x.shape[1]
     for b in range(B):
-        for r0 in range(0, R, step):
-            yield b, slice(r0, min(R, r0 + step))
+        for r0 in range(0, Tx, step):
+            r1 = min(Tx, r0 + step)
+            r = torch.arange(r0, r1, device=x.device)
+            yield b, r0, r1, torch.full_like(r, b), r
 
 
-def row_stats(x, labels, weights, ignore_index, label_shift, inv_temp, softcap):
+def _labels_weights(labels, mask, b, t, ignore_index, acc):
+    lab = labels[b, t].long()
+    w = mask[b, t].to(acc) if mask is not None else torch.ones(lab.shape, dtype=acc, device=lab.device)
+    if ignore_index is not None:
+        w = torch.where(lab == ignore_index, 0.0, w)
+    return lab, w
+
+
+def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_temp, softcap,
+              row_index=None, accumulate=False):
     """See kernels.logps.row_stats."""
-    B, R, V = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    lse = torch.zeros((B, R), dtype=acc, device=x.device)
-    zy = torch.zeros((B, R), dtype=acc, device=x.device)
-    for b, rows in _chunks(x):
-        z = _transform(x[b, rows].to(acc), inv_temp, softcap)
-        col = labels[b, rows].long() - label_shift
-        in_range = (col >= 0) & (col < V)
-        picked = z.gather(-1, col.clamp(0, V - 1)[:, None]).squeeze(-1)
-        active = torch.ones_like(in_range)
-        if weights is not None:
-            active &= weights[b, rows] != 0
-        if ignore_index is not None:
-            active &= labels[b, rows] != ignore_index
+    zy, m, logs, w = (s.view(-1) for s in stats)
+    R = stats[0].shape[1]
+    V = x.shape[-1]
+    acc = zy.dtype
+    if row_index is None:
+        x = x[:, :R]  # a shifted call's logits have one row more than it scores
+    for b0, r0, r1, b, r in _row_chunks(x, R, row_index):
+        xc = x[b0, r0:r1]
+        flat = b * R + r
+        lab, wc = _labels_weights(labels, mask, b, r + shift, ignore_index, acc)
+        z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
         # Not torch.logsumexp: it maps a row holding +inf to inf (then log p = -inf); the eager
         # log_softmax, and the kernel, give NaN, which is the honest answer.
-        m = z.amax(-1, keepdim=True)
-        row_lse = (m + torch.log(torch.exp(z - m).sum(-1, keepdim=True))).squeeze(-1)
-        lse[b, rows] = torch.where(active, row_lse, 0.0)
-        picked = torch.where(in_range, picked, float("nan"))
-        zy[b, rows] = torch.where(active, picked, 0.0)
-    return lse, zy
+        mc = z.amax(-1)
+        m_ref = torch.where(mc == float("-inf"), 0.0, mc)
+        logs_c = z.sub_(m_ref[:, None]).exp_().sum(-1).log_()
+        col = lab - vocab_start
+        in_range = (col >= 0) & (col < V)
+        picked = xc.gather(-1, col.clamp(0, V - 1)[:, None]).squeeze(-1).to(acc)
+        zy_c = torch.where(in_range, _transform_(picked, inv_temp, softcap), float("nan"))
+        active = wc != 0
+        if accumulate:
+            m_old, logs_old = m[flat], logs[flat]
+            m_all = torch.maximum(m_old, mc)
+            ref = torch.where(m_all == float("-inf"), 0.0, m_all)
+            logs_c = torch.log(torch.exp(m_old - ref + logs_old) + torch.exp(mc - ref + logs_c))
+            mc = m_all
+            zy_c = torch.where(in_range, zy_c, zy[flat])
+        zy[flat] = torch.where(active, zy_c, 0.0)
+        m[flat] = torch.where(active, mc, 0.0)
+        logs[flat] = torch.where(active, logs_c, 0.0)
+        w[flat] = wc
 
 
-def row_grad(x, grad, labels, coef, lse, label_shift, inv_temp, softcap):
+def seq_reduce(stats, labels, *, V, shift, reduction):
+    """See kernels.logps.seq_reduce."""
+    zy, m, logs, w = stats
+    R = zy.shape[1]
+    code = REDUCTION_CODE[reduction]
+    tok = torch.where(w != 0, w * ((zy - m) - logs), 0.0)
+    counts = w.sum(-1)
+    lab = labels[:, shift : shift + R]
+    bad = ((w != 0) & ((lab < 0) | (lab >= V))).sum(-1, dtype=torch.int32)
+    if code == NONE:
+        return tok, counts, bad
+    out = tok.sum(-1)
+    if code == MEAN:
+        out = torch.where(counts != 0, out / torch.where(counts != 0, counts, 1.0), 0.0)
+    return out, counts, bad
+
+
+def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,
+             reduction, row_index=None):
     """See kernels.logps.row_grad."""
-    B, R, V = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    for b, rows in _chunks(x):
-        c = coef[b, rows].to(acc)[:, None]
-        xc = x[b, rows].to(acc)
-        z = _transform(xc, inv_temp, softcap)
-        dz = -c * torch.exp(z - lse[b, rows].to(acc)[:, None])
-        col = labels[b, rows].long() - label_shift
+    _zy, m, logs, w = (s.view(-1) for s in stats)
+    R = stats[0].shape[1]
+    V = x.shape[-1]
+    acc = m.dtype
+    code = REDUCTION_CODE[reduction]
+    if R == 0:  # nothing is scored (T = 1 shifted)
+        grad.zero_()
+        return
+    for b0, r0, r1, b, r in _row_chunks(x, R, row_index):
+        xc = x[b0, r0:r1]
+        scored = r < R  # rows past R (the last position of a shifted call) are not scored
+        flat = torch.where(scored, b * R + r, 0)
+        wc = torch.where(scored, w[flat], 0.0)
+        g_up = grad_out[b, r.clamp(max=max(R - 1, 0))] if code == NONE else grad_out[b]
+        # The weight gates the upstream read: a NaN upstream gradient must not reach prompt rows.
+        coef = torch.where(wc != 0, g_up.to(acc) * wc, 0.0)
+        if code == MEAN:
+            c = counts[b].to(acc)
+            coef = torch.where(c != 0, coef / torch.where(c != 0, c, 1.0), 0.0)
+        z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
+        dz = z.sub_(m[flat][:, None]).sub_(logs[flat][:, None]).exp_().mul_(-coef[:, None])
+        col = labels[b, torch.where(scored, r + shift, 0)].long() - vocab_start
         hit = (col >= 0) & (col < V)
-        dz.scatter_add_(-1, col.clamp(0, V - 1)[:, None], torch.where(hit[:, None], c, 0.0))
+        dz.scatter_add_(-1, col.clamp(0, V - 1)[:, None], torch.where(hit, coef, 0.0)[:, None])
         if softcap is not None:
-            th = torch.tanh(xc / softcap)
-            dz = dz * ((1.0 - th * th) * inv_temp)
-        else:
-            dz = dz * inv_temp
-        # Rows with coef 0 get exact zeros (the kernel does not read them; 0 * NaN must not leak).
-        grad[b, rows] = torch.where(c != 0, dz, 0.0).to(grad.dtype)
+            th = xc.to(acc, copy=True).div_(softcap).tanh_()
+            dz.mul_(th.mul_(th).neg_().add_(1.0).mul_(inv_temp))
+        elif inv_temp != 1.0:
+            dz.mul_(inv_temp)
+        # Unscored rows get exact zeros (the kernel does not read them; 0 * NaN must not leak).
+        grad[b0, r0:r1].copy_(dz.masked_fill_((coef == 0)[:, None], 0.0))

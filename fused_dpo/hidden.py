@@ -1,15 +1,22 @@
 """`get_logps_from_hidden`: the same log-probs from hidden states and the lm_head, no logits.
 
-Only response positions are kept (compacted to M rows); the vocabulary is walked in chunks of
+Only scored positions are kept (compacted to M rows); the vocabulary is walked in chunks of
 `chunk_size` columns, so the largest temporary is one (M, chunk) block of logits:
 
-    forward:  for each chunk c:  L_c = h @ W_c.T + b_c;  lse <- logaddexp(lse, lse(L_c));  pick z_y
-    backward: for each chunk c:  L_c again;  G_c = g * (onehot - softmax) * dz/dx   (in place)
-              dW_c = G_c.T @ h   (one matmul per slice: float32 accumulation inside, no big buffer)
-              dh  += G_c @ W_c   (float32 accumulator, M x H)
+    forward:  for each chunk c:  L_c = h @ W_c.T + b_c;  merge (max, log-sum-exp) into the row
+              statistics; pick z_y where the label falls in the chunk
+    backward: for each chunk c:  L_c again;  G_c = coef * (onehot - softmax) * dz/dx   (in place)
+              dW_c = G_c.T @ h   (one matmul per slice: fp32 accumulation inside, no big buffer)
+              dh  += G_c @ W_c   (fp32 accumulator, M x H)
 
 Forward + backward costs four (M, H, V) matmuls; the row math runs in the same kernels as the
 logits path (Triton) or their chunked PyTorch twin.
+
+Mixed precision: the matmuls run in the compute dtype (`head_dtype` if given, else autocast's
+dtype when autocast is on, else hidden's); an fp32 master weight is cast one vocab chunk at a time,
+never whole, and its gradient is accumulated and returned in fp32 (on CUDA each slice's GEMM
+writes fp32 directly). The op is registered as `fused_dpo::logps_from_hidden` (+ `_backward`) for
+torch.compile; eager calls take a plain autograd.Function to the same implementation.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import os
 import torch
 
 from . import _common
-from .reference import get_logps_from_hidden_reference, reduce_token_logps
+from .logps import _acc_dtype
+from .reference import get_logps_from_hidden_reference
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -33,58 +41,228 @@ def auto_chunk_size(M: int, V: int, itemsize: int) -> int:
     return min(V, cols)
 
 
-def _chunk_logits(h, W, bias, v0, v1):
+def _compute_dtype(hidden: torch.Tensor, head_dtype: torch.dtype | None) -> torch.dtype:
+    if head_dtype is not None:
+        return head_dtype
+    dev = hidden.device.type
+    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return hidden.dtype
+
+
+def _scored_rows(labels, mask, ignore_index, shift, R):
+    """Flat positions b * R + r of the scored rows (one host sync), or None under CUDA graph
+    capture, where every row is computed (weight-0 rows are skipped by the row kernels)."""
+    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    lab = labels[:, shift : shift + R]
+    if mask is not None:
+        scored = mask[:, shift : shift + R] != 0
+    elif ignore_index is not None:
+        scored = lab != ignore_index
+    else:
+        return None
+    return scored.reshape(-1).nonzero().squeeze(1)
+
+
+def _rows_of(hidden, idx, R, shift):
+    """(M, H) rows of hidden scoring the positions idx (None: all B*R), and their flat (B*T) rows."""
+    B, T, H = hidden.shape
+    flat = hidden.reshape(B * T, H)
+    if idx is None:
+        idx = torch.arange(B * R, device=hidden.device)
+    src = idx // R * T + idx % R  # row (b, r) of the scored problem is row b * T + r of hidden
+    return flat.index_select(0, src), src
+
+
+def _chunk_logits(h, weight, bias, v0, v1, cd):
+    w = weight[v0:v1].to(cd)  # one chunk cast at a time: never a whole low-precision copy
     if bias is None:
-        return h @ W[v0:v1].T
-    return torch.addmm(bias[v0:v1], h, W[v0:v1].T)
+        return h @ w.T, w
+    return torch.addmm(bias[v0:v1].to(cd), h, w.T), w
 
 
-class _HiddenRowLogps(torch.autograd.Function):
-    """h (M, H), W (V, H), bias (V,) | None, labels (M,) -> log p(label) per row, (M,)."""
+def _mm_f32_supported(a: torch.Tensor) -> bool:
+    # aten::mm.dtype_out (bf16/fp16 GEMM writing fp32) exists on CUDA in recent torch.
+    return a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16) and \
+        "dtype_out" in torch.ops.aten.mm.overloads()
 
-    @staticmethod
-    def forward(ctx, h, W, bias, labels, inv_temp, softcap, rows, chunk):
-        M, V = h.shape[0], W.shape[0]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        lse = torch.full((M,), float("-inf"), dtype=acc, device=h.device)
-        zy = torch.full((M,), float("nan"), dtype=acc, device=h.device)
-        lab = labels[None]
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, accumulated in fp32 inside the GEMM, written in out's dtype."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and _mm_f32_supported(a):
+        torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _mm_f32_supported(a):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
+                    reduction, impl, compute_dtype, chunk_size):
+    rows = _common.backend(impl, hidden.device)
+    B, T, _H = hidden.shape
+    V = weight.shape[0]
+    R = max(T - shift, 0)
+    acc = _acc_dtype(compute_dtype)
+    # Zeros: rows that are never visited (not scored) must read as weight 0.
+    stats = torch.zeros((4, B, R), dtype=acc, device=hidden.device)
+    parts = stats.unbind(0)
+    idx = _scored_rows(labels, mask, ignore_index, shift, R)
+    h, _src = _rows_of(hidden, idx, R, shift)
+    h = h.to(compute_dtype)
+    M = h.shape[0]
+    chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
+    if M:
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
-            logits = _chunk_logits(h, W, bias, v0, v1)
-            lse_c, zy_c = rows.row_stats(logits[None], lab, None, None, v0, inv_temp, softcap)
-            lse = torch.logaddexp(lse, lse_c[0])
-            zy = torch.where((labels >= v0) & (labels < v1), zy_c[0], zy)
-        ctx.save_for_backward(h, W, bias, labels, lse)
-        ctx.args = (inv_temp, softcap, rows, chunk)
-        return zy - lse
+            logits, _w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
+            x = logits[None] if idx is not None else logits.view(B, R, v1 - v0)
+            rows.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
+                           ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap,
+                           row_index=idx, accumulate=v0 > 0)
+    out, counts, bad = rows.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
+    return out, counts, bad, stats
+
+
+def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
+                     ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
+                     need_h, need_w, need_b):
+    rows = _common.backend(impl, hidden.device)
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    R = max(T - shift, 0)
+    parts = stats.unbind(0)
+    idx = _scored_rows(labels, mask, ignore_index, shift, R)
+    h, src = _rows_of(hidden, idx, R, shift)
+    h = h.to(compute_dtype)
+    M = h.shape[0]
+    chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
+    dh = torch.zeros((M, H), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype,
+                     device=h.device) if need_h else None
+    dW = torch.empty_like(weight) if need_w else None
+    db = torch.empty(V, dtype=dh.dtype if dh is not None else torch.float32,
+                     device=h.device) if need_b else None
+    for v0 in range(0, V if M else 0, chunk):
+        v1 = min(V, v0 + chunk)
+        g, w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
+        x = g[None] if idx is not None else g.view(B, R, v1 - v0)
+        rows.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
+                      inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
+                      row_index=idx)
+        if need_w:
+            _mm_into(dW[v0:v1], g.T, h)
+        if need_h:
+            _addmm_f32_(dh, g, w)
+        if need_b:
+            db[v0:v1] = g.sum(0, dtype=db.dtype)
+    if not M:
+        if need_w:
+            dW.zero_()
+        if need_b:
+            db.zero_()
+    d_hidden = None
+    if need_h:
+        d_hidden = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device)
+        d_hidden.index_copy_(0, src, dh.to(hidden.dtype))
+        d_hidden = d_hidden.view(B, T, H)
+    return d_hidden, dW, db.to(bias.dtype) if need_b else None
+
+
+# ---- torch.library ops --------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_dpo::logps_from_hidden", mutates_args=())
+def logps_from_hidden_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    mask: torch.Tensor | None, shift: int, ignore_index: int | None, temperature: float,
+    softcap: float | None, reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, counts, bad, stats) for `get_logps_from_hidden`; chunk_size 0 = automatic."""
+    return _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature,
+                           softcap, reduction, impl, compute_dtype, chunk_size)
+
+
+@logps_from_hidden_op.register_fake
+def _(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
+      compute_dtype, chunk_size):
+    B, T, _H = hidden.shape
+    R = max(T - shift, 0)
+    acc = _acc_dtype(compute_dtype)
+    out = hidden.new_empty((B, R) if reduction == "none" else (B,), dtype=acc)
+    return (out, hidden.new_empty((B,), dtype=acc), hidden.new_empty((B,), dtype=torch.int32),
+            hidden.new_empty((4, B, R), dtype=acc))
+
+
+@torch.library.custom_op("fused_dpo::logps_from_hidden_backward", mutates_args=())
+def logps_from_hidden_backward_op(
+    grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor, counts: torch.Tensor,
+    shift: int, ignore_index: int | None, temperature: float, softcap: float | None,
+    reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int, need_h: bool,
+    need_w: bool, need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight, d_bias); a gradient that is not needed comes back empty."""
+    dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
+                                  ignore_index, temperature, softcap, reduction, impl,
+                                  compute_dtype, chunk_size, need_h, need_w, need_b)
+    empty = hidden.new_empty((0,))
+    return (dh if dh is not None else empty, dW if dW is not None else empty,
+            db if db is not None else empty)
+
+
+@logps_from_hidden_backward_op.register_fake
+def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
+    *_, need_h, need_w, need_b = args
+    empty = hidden.new_empty((0,))
+    return (torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
+            torch.empty_like(bias) if need_b else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, mask, *rest = inputs
+    _out, counts, bad, stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
+    ctx.args = tuple(rest)
+    ctx.mark_non_differentiable(counts, bad, stats)
+
+
+def _op_backward(ctx, grad_out, _gc, _gb, _gs):
+    hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    dh, dW, db = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels, mask, stats,
+                                               counts, *ctx.args, need_h, need_w, need_b)
+    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 10
+
+
+logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _HiddenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, *args):
+        out, counts, bad, stats = _hidden_forward(hidden, weight, bias, labels, mask, *args)
+        ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
+        ctx.args = args
+        ctx.mark_non_differentiable(counts, bad)
+        return out, counts, bad
 
     @staticmethod
-    def backward(ctx, grad):
-        h, W, bias, labels, lse = ctx.saved_tensors
-        inv_temp, softcap, rows, chunk = ctx.args
+    def backward(ctx, grad_out, _gc, _gb):
+        hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        V = W.shape[0]
-        coef = grad.to(lse.dtype).contiguous()[None]
-        dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_h else None
-        dW = torch.empty_like(W) if need_w else None
-        db = torch.empty(V, dtype=lse.dtype, device=h.device) if need_b else None
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            g = _chunk_logits(h, W, bias, v0, v1)
-            rows.row_grad(g[None], g[None], labels[None], coef, lse[None], v0, inv_temp, softcap)
-            if need_w:
-                torch.mm(g.T, h, out=dW[v0:v1])
-            if need_h:
-                dh += g @ W[v0:v1]
-            if need_b:
-                db[v0:v1] = g.sum(0, dtype=lse.dtype)
-        return (
-            dh.to(h.dtype) if need_h else None,
-            dW,
-            db.to(bias.dtype) if need_b else None,
-            None, None, None, None, None,
-        )
+        dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
+                                      *ctx.args, need_h, need_w, need_b)
+        return (dh, dW, db) + (None,) * 10
 
 
 def get_logps_from_hidden(
@@ -96,10 +274,12 @@ def get_logps_from_hidden(
     labels: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    shift: bool = True,
     reduction: str = "sum",
     return_counts: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
     validate: bool = True,
@@ -108,17 +288,22 @@ def get_logps_from_hidden(
 
     Args:
         hidden: (B, T, H) final hidden states (after the model's last norm).
-        weight: (V, H) lm_head weight; bias: optional (V,). Same dtype as hidden.
-        input_ids, response_mask, labels, ignore_index, reduction, return_counts, temperature,
-        softcap, validate: exactly as in `fused_dpo.get_logps`.
+        weight: (V, H) lm_head weight; bias: optional (V,). The weight may be float32 master
+            weights under bf16/fp16 hidden states (mixed precision), with or without autocast.
+        input_ids, response_mask, labels, ignore_index, shift, reduction, return_counts,
+        temperature, softcap, validate: exactly as in `fused_dpo.get_logps`.
+        head_dtype: dtype of the lm_head matmuls. Default: autocast's dtype when autocast is on,
+            else hidden's. `torch.float32` computes the logits in float32 (RL users who need
+            training and inference log-probs to agree).
         impl: "triton" (cuBLAS matmuls + the Triton row kernels), "torch" (chunked PyTorch),
             "reference" (eager, builds the logits), "auto" = triton on CUDA, else torch.
         chunk_size: vocab columns per chunk; default keeps one (M, chunk) block near 256 MiB,
-            with M the number of response positions.
+            with M the number of scored positions.
 
     Returns:
-        As `get_logps`. Gradients flow to hidden, weight and bias. Finding the response
-        positions needs one host sync.
+        As `get_logps`. Gradients flow to hidden, weight and bias, each in its own dtype (an fp32
+        weight's gradient is accumulated in fp32). Finding the scored positions costs one host
+        sync per pass; under CUDA graph capture every position is computed instead (no sync).
     """
     _common.check_float("hidden", hidden, 3)
     _common.check_float("weight", weight, 2)
@@ -134,34 +319,36 @@ def get_logps_from_hidden(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
+        if (t.dtype == torch.float64) != (hidden.dtype == torch.float64):
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; "
+                            "float64 does not mix with other dtypes")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if head_dtype is not None and head_dtype not in _common.FLOAT_DTYPES:
+        raise TypeError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
     if T < 1 or V < 1:
         raise ValueError(f"hidden has shape {tuple(hidden.shape)} and V = {V}; need T, V >= 1")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    tg = _common.prepare_targets(
-        (B, T), V, hidden.device, input_ids, response_mask, labels, ignore_index, validate, "hidden"
-    )
+    tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
+                               ignore_index, "hidden")
     if impl == "reference":
+        if validate:
+            _common.raise_bad_labels(tg, V, int(shift))
         return get_logps_from_hidden_reference(
             hidden, weight, input_ids, response_mask, bias=bias, labels=labels,
-            ignore_index=ignore_index, reduction=reduction, return_counts=return_counts,
-            temperature=temperature, softcap=softcap,
+            ignore_index=ignore_index, shift=shift, reduction=reduction,
+            return_counts=return_counts, temperature=temperature, softcap=softcap,
+            head_dtype=head_dtype,
         )
-    rows = _common.backend(impl, hidden.device)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    w = tg.weights.to(acc).reshape(-1)
-    idx = (w != 0).nonzero().squeeze(1)  # compacted (b, t) of response positions
-    M = idx.numel()
-    # Row (b, t) of the shifted problem is row b * T + t of hidden viewed as (B * T, H).
-    src = idx // (T - 1) * T + idx % (T - 1) if T > 1 else idx
-    h_rows = hidden.reshape(B * T, H).index_select(0, src)
-    lab_rows = tg.targets.reshape(-1).index_select(0, idx)
-    chunk = chunk_size or auto_chunk_size(M, V, hidden.element_size())
-    row_logps = _HiddenRowLogps.apply(h_rows, weight, bias, lab_rows, 1.0 / temperature, softcap, rows, chunk)
-    tok = torch.zeros(B * max(T - 1, 0), dtype=acc, device=hidden.device)
-    tok = tok.index_put((idx,), w.index_select(0, idx) * row_logps).view(B, max(T - 1, 0))
-    return reduce_token_logps(tok, w.view(tok.shape), reduction, return_counts)
+    s = int(shift)
+    args = (s, tg.ignore_index, float(temperature), float(softcap) if softcap is not None else None,
+            reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0)
+    if torch.compiler.is_compiling():
+        out, counts, bad, _stats = logps_from_hidden_op(hidden, weight, bias, tg.labels, tg.mask,
+                                                        *args)
+    else:
+        out, counts, bad = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args)
+    if validate:
+        _common.check_bad_count(bad, tg, V, s)
+    return (out, counts) if return_counts else out

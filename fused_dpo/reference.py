@@ -14,21 +14,24 @@ def shifted_targets(
     response_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     ignore_index: int,
+    shift: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, weights) for positions 0..T-2: position t predicts token t+1.
+    """(targets, weights) for the scored positions: position t predicts token t+1 (shift=True),
+    or token t (shift=False, inputs already aligned).
 
     With `labels` (HF/TRL convention, aligned with input_ids) a position counts unless its label is
     `ignore_index`; with `input_ids` + `response_mask` the mask value is the weight (1 everywhere
     when no mask is given).
     """
+    s = int(shift)
     if labels is not None:
-        targets = labels[:, 1:]
+        targets = labels[:, s:]
         weights = (targets != ignore_index).to(torch.float32)
         return targets, weights
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, s:]
     if response_mask is None:
         return targets, torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
-    return targets, response_mask[:, 1:].to(torch.float32)
+    return targets, response_mask[:, s:].to(torch.float32)
 
 
 def reduce_token_logps(
@@ -39,8 +42,9 @@ def reduce_token_logps(
     if reduction == "sum":
         out = token_logps.sum(-1)
     elif reduction == "mean":
-        out = token_logps.sum(-1) / counts.clamp_min(1.0)
-        out = torch.where(counts > 0, out, torch.zeros_like(out))
+        # sum / count for any nonzero count (float weights may sum to less than 1); 0 for none.
+        safe = torch.where(counts != 0, counts, torch.ones_like(counts))
+        out = torch.where(counts != 0, token_logps.sum(-1) / safe, torch.zeros_like(counts))
     elif reduction == "none":
         out = token_logps
     else:
@@ -55,21 +59,26 @@ def get_logps_reference(
     *,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
+    shift: bool = True,
     reduction: str = "sum",
     return_counts: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
 ):
-    """The eager shifted log-softmax gather. Accumulates in float32, or float64 for float64 logits."""
-    targets, weights = shifted_targets(input_ids, response_mask, labels, ignore_index)
+    """The eager shifted log-softmax gather. Accumulates in float32, or float64 for float64 logits.
+
+    Positions of weight 0 do not contribute even when their logits hold NaN (masked with `where`,
+    not a product), as in the fused paths."""
+    targets, weights = shifted_targets(input_ids, response_mask, labels, ignore_index, shift)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits[:, :-1, :].to(acc)
+    z = logits[:, : logits.shape[1] - int(shift), :].to(acc)
+    z = torch.where((weights != 0)[..., None], z, 0.0)  # unscored rows: no NaN in value or grad
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     safe = torch.where(weights != 0, targets, torch.zeros_like(targets)).long()
     logps = torch.log_softmax(z, -1).gather(-1, safe[..., None]).squeeze(-1)
-    token_logps = logps * weights.to(acc)
+    token_logps = torch.where(weights != 0, logps * weights.to(acc), 0.0)
     return reduce_token_logps(token_logps, weights.to(acc), reduction, return_counts)
 
 
@@ -80,10 +89,16 @@ def get_logps_from_hidden_reference(
     response_mask: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
+    head_dtype: torch.dtype | None = None,
     **kwargs,
 ):
-    """`get_logps_reference(hidden @ weight.T + bias, ...)`: builds the full logits."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
+    """`get_logps_reference(hidden @ weight.T + bias, ...)`: builds the full logits, as
+    `torch.nn.functional.linear` would (so autocast applies); `head_dtype` casts all three first."""
+    if head_dtype is not None:
+        hidden, weight = hidden.to(head_dtype), weight.to(head_dtype)
+        bias = bias.to(head_dtype) if bias is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+    else:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
     return get_logps_reference(logits, input_ids, response_mask, **kwargs)

@@ -1,138 +1,218 @@
 """Row kernels for token log-probabilities under a (softcapped, tempered) softmax.
 
-A "row" is one vector of V logits x; with z = softcap(x) / tau, where softcap(x) = c * tanh(x / c)
-(identity when no cap is set):
+A "row" is one vector of V logits x scoring one label y (a vocabulary id); with
+z = softcap(x) * inv_temp, softcap(x) = c * tanh(x / c) (identity without a cap):
 
-    forward:   lse = log sum_v exp(z_v)          zy = z[label - label_shift]  (NaN if out of range)
-    backward:  dx_v = coef * (onehot(label - label_shift)_v - exp(z_v - lse)) * dz_v/dx_v
-               dz/dx = (1 - tanh(x / c)^2) / tau   (1 / tau without a cap)
+    statistics:  m = max_v z_v        logs = log sum_v exp(z_v - m)        zy = z[y - vocab_start]
+    log-prob:    tok = w * ((zy - m) - logs)      (w: the row's token weight, 0 = not scored)
+    gradient:    dx_v = coef * (onehot(y - vocab_start)_v - exp((z_v - m) - logs)) * dz_v/dx_v
+                 dz/dx = (1 - tanh(x / c)^2) * inv_temp   (inv_temp without a cap)
 
-Rows are addressed as (b, r) with arbitrary strides, so a `logits[:, :-1]` view, a vocab-padded
-slice `logits[..., :V]` or one vocab chunk of a matmul output are read in place, never copied.
-Rows whose weight (forward) or coefficient (backward) is zero are not read at all: the forward
-writes nothing meaningful for them and the backward writes zeros.
+The log-prob is formed as (zy - m) - logs, never zy - (m + logs): at |logits| ~ 1e3-3e4 the sum
+m + logs rounds away the digits the difference needs (float32 ulp(3e4) = 2e-3).
 
-All arithmetic is in ACC (fp32, or fp64 for float64 inputs so that gradcheck is meaningful); the
-log-sum-exp is online in base 2 (exp2/log2 with LOG2E folded into the scale).
+Three kernels:
+  _row_stats_kernel   one program per row: online max / sum-of-exp in ACC, the label's z, the weight.
+                      ACCUMULATE merges into the statistics of earlier vocabulary chunks (the
+                      hidden-state path walks the vocabulary chunk by chunk).
+  _seq_reduce_kernel  one program per sequence: forms tok, writes it (reduction "none") or its
+                      weighted sum / mean, the weight sum (count), and the number of scored labels
+                      outside [0, V) for validation. Deterministic order: no atomics.
+  _row_grad_kernel    one program per logits row: the coefficient from the upstream gradient, the
+                      weight and the count (per `REDUCTION`), then the row's gradient. Rows that are
+                      not scored (prompt, the unshifted last position) are written as zeros, unread.
+
+Addressing. Row (b, r) of the scored problem reads its label and weight at (b, r + shift) of the
+(B, T) ids and mask, so the shifted call needs no sliced copies. Logits rows are addressed with
+arbitrary strides (a `logits[:, :-1]` view, a vocab-padded slice, one vocab chunk of a matmul
+output are read in place). With HAS_ROW_INDEX, program i reads logits row i of a compacted (M, V)
+block and scores flat position idx[i] = b * R + r (the hidden-state path's response rows).
+Statistics are contiguous (B, R) in ACC (fp32; fp64 for float64 inputs so gradcheck is exact).
 """
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+# Reduction codes shared with the host side.
+SUM, MEAN, NONE = 0, 1, 2
+REDUCTION_CODE = {"sum": SUM, "mean": MEAN, "none": NONE}
 
 
 @triton.jit
-def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    # c * tanh(x / c) written with exp2 so it runs unchanged in the interpreter and on any GPU;
-    # 1 - 2 / (e^{2u} + 1) saturates cleanly to +-1 for large |u|.
+def _transform(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    # softcap(x) * inv_temp; c * tanh(x / c) = c * (1 - 2 / (e^{2x/c} + 1)) saturates cleanly to
+    # +-c for large |x| and runs unchanged in the interpreter and on any GPU.
     if HAS_SOFTCAP:
-        e = tl.exp2((2.0 * LOG2E / softcap) * x)
+        e = tl.exp((2.0 / softcap) * x)
         x = softcap * (1.0 - 2.0 / (e + 1.0))
-    return x
+    return x * inv_temp
 
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, labels_ptr, weights_ptr, lse_ptr, zy_ptr,
-    R, V,
+    x_ptr, labels_ptr, mask_ptr, idx_ptr, zy_ptr, m_ptr, logs_ptr, w_ptr,
+    R, V, shift, vocab_start, ignore_index, inv_temp, softcap,
     stride_xb, stride_xr, stride_xv,
-    stride_lb, stride_lr,
-    stride_wb, stride_wr,
-    ignore_index, label_shift, inv_temp, softcap,
-    HAS_WEIGHTS: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    LANE_MAX: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    stride_lb, stride_lt,
+    stride_mb, stride_mt,
+    HAS_MASK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ROW_INDEX: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // R
-    r = row % R
-    label = tl.load(labels_ptr + b * stride_lb + r * stride_lr).to(tl.int64)
-    if HAS_WEIGHTS:
-        w = tl.load(weights_ptr + b * stride_wb + r * stride_wr).to(ACC)
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROW_INDEX:
+        flat = tl.load(idx_ptr + pid).to(tl.int64)
+        x_row = x_ptr + pid * stride_xr
+    else:
+        flat = pid
+        x_row = x_ptr + (pid // R) * stride_xb + (pid % R) * stride_xr
+    b = flat // R
+    t = flat % R + shift
+    label = tl.load(labels_ptr + b * stride_lb + t * stride_lt).to(tl.int64)
+    if HAS_MASK:
+        w = tl.load(mask_ptr + b * stride_mb + t * stride_mt).to(ACC)
     else:
         w = tl.full([], 1.0, ACC)
     if HAS_IGNORE:
         w = tl.where(label == ignore_index, 0.0, w)
 
-    lse = w * 0.0
-    zy = w * 0.0
+    zero = w * 0.0
     if w != 0.0:
-        x_row = x_ptr + b * stride_xb + r * stride_xr
-        scale = inv_temp * LOG2E  # z2 = z * LOG2E: the base-2 exponent
-        # Running max m and lane-wise sums s (sum_lane s * 2^m = sum 2^z2). Two variants, chosen
-        # at compile time: a block-wide max (one exp2 per element, one cross-warp max reduction
-        # per block) or a per-lane max (no reduction inside the loop, two exp2 per element).
-        if LANE_MAX:
-            m = tl.full([BLOCK_V], float("-inf"), ACC)
-        else:
-            m = tl.full([], float("-inf"), ACC)
+        # Running max m (block-wide) and lane-wise sums s: sum_lane s * exp(m) = sum exp(z).
+        m = tl.full([], float("-inf"), ACC)
         s = tl.zeros([BLOCK_V], ACC)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
-            # Re-mask after the transform: softcap would map a -inf pad to -c, not -inf.
-            z2 = tl.where(inside, _softcap(x, softcap, HAS_SOFTCAP) * scale, float("-inf"))
-            if LANE_MAX:
-                m_new = tl.maximum(m, z2)
-            else:
-                m_new = tl.maximum(m, tl.max(z2, 0))
-            # A block (or row prefix) of only -inf would give exp2(-inf - -inf) = NaN.
+            # Re-mask after the transform: a softcap would map a -inf pad to -c, not -inf.
+            z = tl.where(inside, _transform(x, inv_temp, softcap, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            # A block (or row prefix) of only -inf would give exp(-inf - -inf) = NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp2(m - m_ref) + tl.exp2(z2 - m_ref)
+            s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
             m = m_new
-        if LANE_MAX:
-            m_row = tl.max(m, 0)
-            m_row_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
-            s = s * tl.exp2(m - m_row_ref)
-            m = m_row
-        lse = (m + tl.log2(tl.sum(s, 0))) * LN2
-        col = label - label_shift
+        logs = tl.log(tl.sum(s, 0))
+        col = label - vocab_start
         in_range = (col >= 0) & (col < V)
         xy = tl.load(x_row + col * stride_xv, mask=in_range, other=float("nan")).to(ACC)
-        zy = _softcap(xy, softcap, HAS_SOFTCAP) * inv_temp
-    tl.store(lse_ptr + row, lse)
-    tl.store(zy_ptr + row, zy)
+        zy = _transform(xy, inv_temp, softcap, HAS_SOFTCAP)
+        if ACCUMULATE:
+            # Merge with the earlier chunks' (m, logs); the label's z lives in exactly one chunk.
+            m_old = tl.load(m_ptr + flat).to(ACC)
+            logs_old = tl.load(logs_ptr + flat).to(ACC)
+            m_all = tl.maximum(m_old, m)
+            m_all_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+            logs = tl.log(tl.exp(m_old - m_all_ref + logs_old) + tl.exp(m - m_all_ref + logs))
+            m = m_all
+            tl.store(zy_ptr + flat, zy, mask=in_range)
+        else:
+            tl.store(zy_ptr + flat, zy)
+        tl.store(m_ptr + flat, m)
+        tl.store(logs_ptr + flat, logs)
+    else:
+        tl.store(zy_ptr + flat, zero)
+        tl.store(m_ptr + flat, zero)
+        tl.store(logs_ptr + flat, zero)
+    tl.store(w_ptr + flat, w)
+
+
+@triton.jit
+def _seq_reduce_kernel(
+    zy_ptr, m_ptr, logs_ptr, w_ptr, labels_ptr, out_ptr, counts_ptr, bad_ptr,
+    R, V, shift, stride_lb, stride_lt,
+    REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK_R], ACC)
+    count = tl.zeros([BLOCK_R], ACC)
+    bad = tl.zeros([BLOCK_R], tl.int32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        inside = rr < R
+        o = b * R + rr
+        w = tl.load(w_ptr + o, mask=inside, other=0.0)
+        zy = tl.load(zy_ptr + o, mask=inside, other=0.0)
+        m = tl.load(m_ptr + o, mask=inside, other=0.0)
+        logs = tl.load(logs_ptr + o, mask=inside, other=0.0)
+        tok = tl.where(w != 0.0, w * ((zy - m) - logs), 0.0)
+        if REDUCTION == 2:
+            tl.store(out_ptr + o, tok, mask=inside)
+        total += tok
+        count += w
+        label = tl.load(labels_ptr + b * stride_lb + (rr + shift) * stride_lt, mask=inside, other=0)
+        bad += ((w != 0.0) & ((label < 0) | (label >= V))).to(tl.int32)
+    t = tl.sum(total, 0)
+    c = tl.sum(count, 0)
+    if REDUCTION == 1:
+        t = tl.where(c != 0.0, t / tl.where(c != 0.0, c, 1.0), 0.0)
+    if REDUCTION != 2:
+        tl.store(out_ptr + b, t)
+    tl.store(counts_ptr + b, c)
+    tl.store(bad_ptr + b, tl.sum(bad, 0))
 
 
 @triton.jit
 def _row_grad_kernel(
-    x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_ptr,
-    R, V,
+    x_ptr, grad_ptr, labels_ptr, idx_ptr, m_ptr, logs_ptr, w_ptr, gout_ptr, counts_ptr,
+    R, rows_per_seq, V, shift, vocab_start, inv_temp, softcap,
     stride_xb, stride_xr, stride_xv,
     stride_gb, stride_gr, stride_gv,
-    stride_lb, stride_lr,
-    label_shift, inv_temp, softcap,
-    HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    stride_lb, stride_lt,
+    stride_ob, stride_or,
+    HAS_SOFTCAP: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, REDUCTION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // R
-    r = row % R
-    c = tl.load(coef_ptr + row).to(ACC)
-    g_row = grad_ptr + b * stride_gb + r * stride_gr
-    if c != 0.0:
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROW_INDEX:
+        flat = tl.load(idx_ptr + pid).to(tl.int64)
+        b = flat // R
+        r = flat % R
+        x_row = x_ptr + pid * stride_xr
+        g_row = grad_ptr + pid * stride_gr
+    else:
+        # Programs cover every logits row, rows_per_seq >= R of them per sequence; rows past R
+        # (the last position of a shifted call) are not scored.
+        b = pid // rows_per_seq
+        r = pid % rows_per_seq
+        flat = b * R + r
         x_row = x_ptr + b * stride_xb + r * stride_xr
-        col_y = tl.load(labels_ptr + b * stride_lb + r * stride_lr).to(tl.int64) - label_shift
-        lse2 = tl.load(lse_ptr + row).to(ACC) * LOG2E
-        scale = inv_temp * LOG2E
+        g_row = grad_ptr + b * stride_gb + r * stride_gr
+    coef = tl.zeros([], ACC)
+    if r < R:
+        w = tl.load(w_ptr + flat).to(ACC)
+        # The weight gates the upstream read: a NaN upstream gradient must not reach prompt rows.
+        if w != 0.0:
+            if REDUCTION == 2:
+                g = tl.load(gout_ptr + b * stride_ob + r * stride_or).to(ACC)
+            else:
+                g = tl.load(gout_ptr + b * stride_ob).to(ACC)
+            coef = g * w
+            if REDUCTION == 1:
+                c = tl.load(counts_ptr + b).to(ACC)
+                coef = tl.where(c != 0.0, coef / tl.where(c != 0.0, c, 1.0), 0.0)
+    if coef != 0.0:
+        col_y = tl.load(labels_ptr + b * stride_lb + (r + shift) * stride_lt).to(tl.int64) - vocab_start
+        m = tl.load(m_ptr + flat).to(ACC)
+        logs = tl.load(logs_ptr + flat).to(ACC)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
             if HAS_SOFTCAP:
-                e = tl.exp2((2.0 * LOG2E / softcap) * x)
+                e = tl.exp((2.0 / softcap) * x)
                 th = 1.0 - 2.0 / (e + 1.0)
-                z2 = softcap * th * scale
+                z = softcap * th * inv_temp
                 dzdx = (1.0 - th * th) * inv_temp
             else:
-                z2 = x * scale
+                z = x * inv_temp
                 dzdx = inv_temp
-            p = tl.exp2(z2 - lse2)
-            dz = tl.where(cols == col_y, c - c * p, -c * p)
+            p = tl.exp((z - m) - logs)
+            dz = tl.where(cols == col_y, coef - coef * p, -coef * p)
             tl.store(g_row + cols * stride_gv, (dz * dzdx).to(grad_ptr.dtype.element_ty), mask=inside)
     else:
         for v0 in range(0, V, BLOCK_V):
@@ -141,35 +221,34 @@ def _row_grad_kernel(
             tl.store(g_row + cols * stride_gv, zeros, mask=cols < V)
 
 
-_ACC = {torch.float64: tl.float64}
+_FP64 = {torch.float64: tl.float64}
+# Read once: the environment overrides exist for the GPU sweep (bench/gpu_check.sh), which starts
+# one process per setting; reading os.environ on every call would cost host time.
+_BLOCK_V = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
+_BLOCK_R = 1024
 
 
-def lane_max() -> bool:
-    """FUSED_DPO_LSE=lane selects the per-lane-max forward (for A/B on a GPU); default block."""
-    mode = os.environ.get("FUSED_DPO_LSE", "block")
-    if mode not in ("block", "lane"):
-        raise ValueError(f"FUSED_DPO_LSE must be 'block' or 'lane', got {mode!r}")
-    return mode == "lane"
-
-
+@functools.lru_cache(maxsize=64)
 def launch_config(V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of V logits.
 
-    Provisional rule, not yet measured on a GPU: 16 elements per thread at 8 warps keeps each
-    program's loads 16 B wide and in flight while the per-block max/sum reductions stay a small
-    share of the work. bench/gpu_check.sh sweeps this table on the card so the rule can be fixed
-    with a measurement; FUSED_DPO_BLOCK_V overrides it for that sweep.
+    Measured on an H100 (bench/results/2026-11-27-h100, the FUSED_DPO_BLOCK_V sweep at
+    8x1024x128256 bf16): 4096 elements per block at 8 warps (16 per thread: 16-byte loads, four
+    programs in flight per SM) beat 2048 and 8192 on the forward and the backward.
+    FUSED_DPO_BLOCK_V overrides the block for that sweep.
     """
-    block = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
-    block = min(block, triton.next_power_of_2(V))
+    block = min(_BLOCK_V, triton.next_power_of_2(V))
     num_warps = 8 if block >= 2048 else 4
     return block, num_warps
 
 
+def _acc(dtype: torch.dtype):
+    return _FP64.get(dtype, tl.float32)
+
+
 def _check_offsets(x: torch.Tensor, V: int) -> None:
-    # Row offsets are int64 (b * stride_b, r * stride_r); column offsets `cols * stride_v` stay
-    # int32 so that a unit vocab stride keeps 16 B vector loads. That is exact while one row spans
-    # less than 2**31 elements, which every (.., V) layout with a small vocab stride satisfies.
+    # Row offsets are int64; column offsets `cols * stride_v` stay int32 so that a unit vocab
+    # stride keeps 16 B vector loads. That is exact while one row spans < 2**31 elements.
     if V * abs(x.stride(-1)) >= 2**31:
         raise ValueError(
             f"a row of {V} logits with vocab stride {x.stride(-1)} spans >= 2**31 elements; "
@@ -177,67 +256,82 @@ def _check_offsets(x: torch.Tensor, V: int) -> None:
         )
 
 
-def row_stats(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor | None,
-    ignore_index: int | None,
-    label_shift: int,
-    inv_temp: float,
-    softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """lse and the label's transformed logit for every row of x (B, R, V), each (B, R).
+def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_temp, softcap,
+              row_index=None, accumulate=False):
+    """Fill stats = (zy, m, logs, w), each contiguous (B, R), from the rows of x.
 
-    Rows whose weight is 0 (or whose label equals ignore_index) are not read; their outputs are 0.
+    x is (B, R, V) with any strides, or with `row_index` a (1, M, V) block whose row i scores flat
+    position row_index[i] of (B, R). labels / mask are (B, T) with T >= R + shift; mask may be
+    None (weight 1), and with `ignore_index` a label equal to it has weight 0. With `accumulate`,
+    x holds vocab ids [vocab_start, vocab_start + V) and is merged into stats from earlier chunks.
+    Rows of weight 0 are not read; their stats are written as 0.
     """
-    B, R, V = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    lse = torch.empty((B, R), dtype=acc, device=x.device)
-    zy = torch.empty((B, R), dtype=acc, device=x.device)
-    if B * R == 0:
-        return lse, zy
+    zy, m, logs, w = stats
+    B, R = zy.shape
+    V = x.shape[-1]
+    n = row_index.numel() if row_index is not None else B * R
+    if n == 0:
+        return
     _check_offsets(x, V)
     block, warps = launch_config(V)
-    w = weights if weights is not None else labels  # placeholder pointer, never read
-    _row_stats_kernel[(B * R,)](
-        x, labels, w, lse, zy,
-        R, V,
-        *x.stride(), *labels.stride(), *w.stride(),
-        ignore_index if ignore_index is not None else 0, label_shift, inv_temp,
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # zero-copy; the kernel loads bytes
+    mask_arg = mask if mask is not None else labels  # placeholder pointer, never read
+    idx_arg = row_index if row_index is not None else labels  # likewise
+    _row_stats_kernel[(n,)](
+        x, labels, mask_arg, idx_arg, zy, m, logs, w,
+        R, V, shift, vocab_start, ignore_index if ignore_index is not None else 0, inv_temp,
         softcap if softcap is not None else 1.0,
-        HAS_WEIGHTS=weights is not None, HAS_IGNORE=ignore_index is not None,
-        HAS_SOFTCAP=softcap is not None, LANE_MAX=lane_max(), ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_V=block, num_warps=warps,
+        x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
+        HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None,
+        ACCUMULATE=accumulate, ACC=_acc(x.dtype), BLOCK_V=block, num_warps=warps,
     )
-    return lse, zy
 
 
-def row_grad(
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    labels: torch.Tensor,
-    coef: torch.Tensor,
-    lse: torch.Tensor,
-    label_shift: int,
-    inv_temp: float,
-    softcap: float | None,
-) -> None:
-    """Write coef * (onehot - softmax) * dz/dx for every row of x (B, R, V) into grad (B, R, V).
+def seq_reduce(stats, labels, *, V, shift, reduction):
+    """(out, counts, bad) from stats (B, R): out is (B,) ("sum", "mean") or (B, R) ("none") per-token
+    log-probs; counts (B,) the weight sums; bad (B,) int32 the scored labels outside [0, V)."""
+    zy, m, logs, w = stats
+    B, R = zy.shape
+    code = REDUCTION_CODE[reduction]
+    out = torch.empty((B, R) if code == NONE else (B,), dtype=zy.dtype, device=zy.device)
+    counts = torch.empty(B, dtype=zy.dtype, device=zy.device)
+    bad = torch.empty(B, dtype=torch.int32, device=zy.device)
+    if B == 0:
+        return out, counts, bad
+    block = min(_BLOCK_R, triton.next_power_of_2(max(R, 1)))
+    _seq_reduce_kernel[(B,)](
+        zy, m, logs, w, labels, out, counts, bad, R, V, shift, *labels.stride(),
+        REDUCTION=code, ACC=_acc(zy.dtype), BLOCK_R=block, num_warps=4,
+    )
+    return out, counts, bad
 
-    coef and lse are contiguous (B, R). Rows with coef == 0 get zeros without reading x. grad may
-    alias x (in-place backward): each element is read before it is written by the same program.
+
+def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,
+             reduction, row_index=None):
+    """Write the gradient of the reduced log-probs w.r.t. x into grad (same shape as x).
+
+    x, grad: (B, Tx, V) with Tx >= R (rows past R are written as zeros), or with `row_index` a
+    (1, M, V) block as in `row_stats`. grad_out: (B,) for "sum"/"mean", (B, R) for "none", any
+    strides. grad may alias x (in-place backward): each element is read before it is written by
+    the same program.
     """
-    B, R, V = x.shape
-    if B * R == 0:
+    _zy, m, logs, w = stats
+    R = m.shape[1]
+    B, Tx, V = x.shape
+    n = row_index.numel() if row_index is not None else B * Tx
+    if n == 0:
         return
     _check_offsets(x, V)
     _check_offsets(grad, V)
     block, warps = launch_config(V)
-    _row_grad_kernel[(B * R,)](
-        x, grad, labels, coef, lse,
-        R, V,
-        *x.stride(), *grad.stride(), *labels.stride(),
-        label_shift, inv_temp, softcap if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_V=block, num_warps=warps,
+    code = REDUCTION_CODE[reduction]
+    so = grad_out.stride() if code == NONE else (grad_out.stride(0), 0)
+    _row_grad_kernel[(n,)](
+        x, grad, labels, row_index if row_index is not None else labels, m, logs, w, grad_out,
+        counts, R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
+        *x.stride(), *grad.stride(), *labels.stride(), *so,
+        HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None, REDUCTION=code,
+        ACC=_acc(x.dtype), BLOCK_V=block, num_warps=warps,
     )
