@@ -151,15 +151,20 @@ def bench_logits(shapes, providers, ceil, rows, modes):
 
 
 def bench_hidden(shapes, providers, ceil, rows, modes):
-    from fused_dpo import get_logps_from_hidden
+    from fused_dpo.reference import get_logps_from_hidden_reference
 
     for B, T, H, V in shapes:
         ids, mask, g = _inputs(B, T, V, torch.bfloat16)
         hidden = torch.randn(B, T, H, device=DEVICE, generator=g).to(torch.bfloat16).requires_grad_(True)
         weight = (torch.randn(V, H, device=DEVICE, generator=g) / H**0.5).to(torch.bfloat16)
         weight.requires_grad_(True)
-        truth = get_logps_from_hidden(hidden.detach().double(), weight.detach().double(), ids, mask,
-                                      impl="torch")
+        # The truth is the independent eager reference in float64 (one sequence at a time to bound
+        # its (1, T, V) float64 logits), not the fused code under test run in float64.
+        w64 = weight.detach().double()
+        truth = torch.cat([get_logps_from_hidden_reference(hidden[b : b + 1].detach().double(), w64,
+                                                           ids[b : b + 1], mask[b : b + 1])
+                           for b in range(B)])
+        del w64
         resp_rows = float(mask[:, 1:].sum())
         mm = 2 * resp_rows * H * V
         flops = {"forward": mm, "backward": 3 * mm, "fwd+bwd": 4 * mm}
@@ -200,7 +205,7 @@ def _print_row(r):
     rate = f"{r['GBps']:8.0f} GB/s" if "GBps" in r else f"{r['TFLOPs']:8.1f} TF/s"
     print(f"{r['path']:<7}{r['shape']:<22}{r['provider']:<15}{r['mode']:<9}{r['ms']:9.3f} ms "
           f"[{r['p20']:.3f}-{r['p80']:.3f}] {r['peak_GiB']:7.3f} GiB {rate} "
-          f"{r['pct_roofline']:5.1f}% roof (floor {r['floor_ms']:.3f} ms)  rel.err {r['rel_err']:.1e}",
+          f"{r['pct_roofline']:5.1f}% roof (floor {r['floor_ms']:.3f} ms)  rel.err {r['rel_err']:.3e}",
           flush=True)
 
 
@@ -234,20 +239,23 @@ def _plot(rows, out: Path):
     sel = [r for r in rows if r["path"] == "logits" and r["mode"] == "fwd+bwd"]
     if not sel:
         return
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for prov in sorted({r["provider"] for r in sel}):
-        pts = []
-        for r in sel:
-            if r["provider"] == prov:
-                b, t, v = (int(n) for n in r["shape"].split("x"))
-                pts.append((v, r["ms"], b * t, r["peak_GiB"]))
-        pts.sort()
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=prov)
-        pts.sort(key=lambda p: p[2])
-        ax_m.plot([p[2] for p in pts], [p[3] for p in pts], "o-", label=prov)
-    ax_t.set(xlabel="vocab", ylabel="fwd+bwd ms", title="time vs vocab")
-    ax_m.set(xlabel="tokens (B*T)", ylabel="peak GiB above inputs", title="memory vs tokens")
-    ax_t.legend()
+    # Grouped bars, one group per shape: several shapes share a vocabulary or a B*T, so a line
+    # against either draws vertical segments.
+    shapes = list(dict.fromkeys(r["shape"] for r in sel))
+    provs = list(dict.fromkeys(r["provider"] for r in sel))
+    by = {(r["shape"], r["provider"]): r for r in sel}
+    width = 0.8 / len(provs)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, prov in enumerate(provs):
+        xs = [i + (k - (len(provs) - 1) / 2) * width for i in range(len(shapes))]
+        got = [by.get((s, prov)) for s in shapes]
+        ax_t.bar(xs, [r["ms"] if r else 0 for r in got], width, label=prov)
+        ax_m.bar(xs, [r["peak_GiB"] if r else 0 for r in got], width, label=prov)
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=8)
+    ax_t.set(xlabel="B x T x V (bf16)", ylabel="fwd+bwd ms (log)", title="time per shape", yscale="log")
+    ax_m.set(xlabel="B x T x V (bf16)", ylabel="peak GiB above inputs", title="memory per shape")
+    ax_t.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "logits.png", dpi=110)
 
