@@ -1,0 +1,263 @@
+"""The op in the stacks people train in (issue 9): torch.compile, CUDA graphs, fp32 master weights.
+
+    python -m bench.op_checks [--only compile,graph,fp32] [--device cpu]
+
+compile  `torch.compile(fullgraph=True)` of a function calling `get_logps` (validate=True and
+         False) and of one calling `get_logps_from_hidden`; forward+backward compared with the same
+         call in eager, and both timed (fwd+bwd median).
+graph    forward+backward of both functions captured in one `torch.cuda.graph` (static inputs and
+         upstream gradient), new data copied in, replayed, output and gradients compared with eager.
+fp32     bf16 hidden with an fp32 lm_head weight under `torch.autocast("cuda", torch.bfloat16)` at
+         8x1024x4096x128256: fwd+bwd time, extra memory (peak above what was allocated before the
+         step, the previous step's gradients included, as TRL 1.16's 45.8 ms / 0.83 GiB were
+         measured), and the error of the sums and both gradients against float64, beside eager
+         autocast's and TRL's `ChunkedLogProbFunction` when it imports.
+
+`--device cpu` runs every path on tiny shapes (compile with backend="aot_eager"; CUDA graphs are
+skipped with a note): a smoke run for tests/test_bench_smoke.py, timings meaningless.
+Exit status 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+import bench.__main__ as bm
+
+FAILED: list[str] = []
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def report(name: str, err: float, tol: float) -> None:
+    ok = err <= tol
+    if not ok:
+        FAILED.append(name)
+    print(f"  {name:<58} rel diff {err:.2e}  {'ok' if ok else 'FAIL'} (tol {tol:.0e})", flush=True)
+
+
+def _logits_case(small: bool):
+    B, T, V = (2, 16, 64) if small else (2, 512, 32000)
+    ids, mask, g = bm._inputs(B, T, V, torch.bfloat16)
+    x = (torch.randn(B, T, V, device=bm.DEVICE, generator=g) * 2).to(torch.bfloat16)
+    return x, ids, mask
+
+
+def _hidden_case(small: bool, weight_dtype=torch.bfloat16, shape=None):
+    B, T, H, V = shape or ((2, 16, 8, 64) if small else (2, 512, 1024, 32000))
+    ids, mask, g = bm._inputs(B, T, V, torch.bfloat16)
+    h = torch.randn(B, T, H, device=bm.DEVICE, generator=g).to(torch.bfloat16)
+    w = (torch.randn(V, H, device=bm.DEVICE, generator=g) / H**0.5).to(weight_dtype)
+    return h, w, ids, mask
+
+
+def _fwd_bwd(fn, leaves, *rest):
+    """(out, grads) of fn(*leaves, *rest).sum().backward() on fresh leaf copies."""
+    xs = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*xs, *rest)
+    out.sum().backward()
+    return out.detach(), [x.grad for x in xs]
+
+
+def _time_ms(fn, leaves, *rest) -> float:
+    xs = [t.detach().clone().requires_grad_(True) for t in leaves]
+
+    def step():
+        for x in xs:
+            x.grad = None
+        fn(*xs, *rest).sum().backward()
+
+    return bm._do_bench(step)[0]
+
+
+def check_compile(small: bool) -> None:
+    from fused_dpo import get_logps, get_logps_from_hidden
+
+    backend = "aot_eager" if bm.DEVICE == "cpu" else "inductor"
+    print(f"torch.compile(fullgraph=True, backend={backend!r}): forward+backward against eager")
+    x, ids, mask = _logits_case(small)
+    for validate in (True, False):
+        f = lambda x, i, m, v=validate: get_logps(x, i, m, validate=v)
+        cf = torch.compile(f, fullgraph=True, backend=backend)
+        name = f"get_logps validate={validate}"
+        out_e, (g_e,) = _fwd_bwd(f, [x], ids, mask)
+        out_c, (g_c,) = _fwd_bwd(cf, [x], ids, mask)
+        report(f"{name}: sums", rel(out_c, out_e), 1e-6)
+        report(f"{name}: logits grad", rel(g_c, g_e), 1e-6)
+        print(f"  {name}: fwd+bwd compiled {_time_ms(cf, [x], ids, mask):.3f} ms, "
+              f"eager {_time_ms(f, [x], ids, mask):.3f} ms", flush=True)
+    h, w, ids, mask = _hidden_case(small)
+    f = lambda h, w, i, m: get_logps_from_hidden(h, w, i, m)
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    out_e, (gh_e, gw_e) = _fwd_bwd(f, [h, w], ids, mask)
+    out_c, (gh_c, gw_c) = _fwd_bwd(cf, [h, w], ids, mask)
+    report("get_logps_from_hidden: sums", rel(out_c, out_e), 1e-6)
+    report("get_logps_from_hidden: hidden grad", rel(gh_c, gh_e), 1e-6)
+    report("get_logps_from_hidden: weight grad", rel(gw_c, gw_e), 1e-6)
+    print(f"  get_logps_from_hidden: fwd+bwd compiled {_time_ms(cf, [h, w], ids, mask):.3f} ms, "
+          f"eager {_time_ms(f, [h, w], ids, mask):.3f} ms", flush=True)
+
+
+def _graph_replay(fn, leaves, rest, new_leaves):
+    """Capture fn(*leaves, *rest) forward+backward (upstream gradient ones) in one CUDA graph,
+    copy new_leaves in, replay; (out, grads) read from the static buffers."""
+    static = [t.detach().clone().requires_grad_(True) for t in leaves]
+    gout = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(3):
+            for s in static:
+                s.grad = None
+            out = fn(*static, *rest)
+            gout = torch.ones_like(out) if gout is None else gout
+            out.backward(gout)
+    torch.cuda.current_stream().wait_stream(side)
+    for s in static:
+        s.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static, *rest)
+        static_out.backward(gout)
+    with torch.no_grad():
+        for s, n in zip(static, new_leaves, strict=True):
+            s.copy_(n)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_out.detach().clone(), [s.grad.clone() for s in static]
+
+
+def check_graph(small: bool) -> None:
+    from fused_dpo import get_logps, get_logps_from_hidden
+
+    print("CUDA graph: forward+backward captured once, new inputs copied in, replayed, against eager")
+    if bm.DEVICE != "cuda":
+        print("  skipped on the CPU: CUDA graphs need a CUDA device (bench/gpu_check.sh runs them)")
+        return
+    x, ids, mask = _logits_case(small)
+    x2 = (torch.randn_like(x, dtype=torch.float32) * 3).to(x.dtype)
+    for validate in (True, False):
+        f = lambda x, i, m, v=validate: get_logps(x, i, m, validate=v)
+        name = f"get_logps validate={validate}"
+        out_g, (g_g,) = _graph_replay(f, [x], (ids, mask), [x2])
+        out_e, (g_e,) = _fwd_bwd(f, [x2], ids, mask)
+        report(f"{name}: sums after replay", rel(out_g, out_e), 1e-6)
+        report(f"{name}: logits grad after replay", rel(g_g, g_e), 1e-6)
+    h, w, ids, mask = _hidden_case(small)
+    h2, w2 = torch.randn_like(h), torch.randn_like(w) / h.shape[-1] ** 0.5
+    f = lambda h, w, i, m: get_logps_from_hidden(h, w, i, m)
+    out_g, (gh_g, gw_g) = _graph_replay(f, [h, w], (ids, mask), [h2, w2])
+    out_e, (gh_e, gw_e) = _fwd_bwd(f, [h2, w2], ids, mask)
+    # Under capture every row is computed (no compaction sync): other matmul shapes, so the bf16
+    # logits may round differently from eager's compacted ones.
+    report("get_logps_from_hidden: sums after replay", rel(out_g, out_e), 1e-4)
+    report("get_logps_from_hidden: hidden grad after replay", rel(gh_g, gh_e), 1e-2)
+    report("get_logps_from_hidden: weight grad after replay", rel(gw_g, gw_e), 1e-2)
+
+
+def _float64_truth(h, w, ids, mask):
+    """Sums and (d hidden, d weight) of their total in float64, one sequence at a time."""
+    from fused_dpo.reference import get_logps_from_hidden_reference
+
+    w64 = w.detach().double().requires_grad_(True)
+    sums, dh = [], []
+    for b in range(h.shape[0]):
+        hb = h[b : b + 1].detach().double().requires_grad_(True)
+        s = get_logps_from_hidden_reference(hb, w64, ids[b : b + 1], mask[b : b + 1])
+        s.sum().backward()
+        sums.append(s.detach())
+        dh.append(hb.grad)
+    return torch.cat(sums), torch.cat(dh), w64.grad
+
+
+def check_fp32_weight(small: bool) -> None:
+    from bench.providers import trl_hidden_provider
+    from fused_dpo import get_logps_from_hidden
+    from fused_dpo.reference import get_logps_from_hidden_reference
+
+    shape = (2, 16, 8, 64) if small else (8, 1024, 4096, 128256)
+    B, T, H, V = shape
+    print(f"fp32 lm_head weight, bf16 hidden, autocast bf16: {B}x{T}x{H}x{V}")
+    h, w, ids, mask = _hidden_case(small, torch.float32, shape)
+    truth, dh64, dw64 = _float64_truth(h, w, ids, mask)
+    dev = bm.DEVICE
+    provs = {
+        "fused": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, validate=False),
+        "eager (autocast)": lambda h, w, i, m: get_logps_from_hidden_reference(h, w, i, m),
+        "trl_chunked": trl_hidden_provider(),
+    }
+    for name, fn in provs.items():
+        if fn is None:
+            print(f"  {name}: not installed, skipped")
+            continue
+        try:
+            hh, ww = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+
+            def step(fn=fn, hh=hh, ww=ww):
+                hh.grad = ww.grad = None
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    out = fn(hh, ww, ids, mask)
+                out.sum().backward()
+                return out.detach()
+
+            out = step()  # warm-up; leaves this step's gradients allocated, as in training
+            e_sum, e_dh, e_dw = rel(out, truth), rel(hh.grad, dh64), rel(ww.grad, dw64)
+            dtypes = f"grads {str(hh.grad.dtype)[6:]}/{str(ww.grad.dtype)[6:]}"
+            base = bm._reset_peak()
+            step()
+            bm._sync()
+            extra = (bm._peak() - base) / 2**30
+            ms = bm._do_bench(step)
+            print(f"  {name:<17} fwd+bwd {ms[0]:8.2f} ms [{ms[1]:.2f}-{ms[2]:.2f}]  extra {extra:6.2f} GiB  "
+                  f"rel err vs float64: sums {e_sum:.2e}, d hidden {e_dh:.2e}, d weight {e_dw:.2e}  "
+                  f"({dtypes})", flush=True)
+            if name == "fused" and ww.grad.dtype != torch.float32:
+                FAILED.append("fp32 weight: gradient not returned in fp32")
+        except Exception as e:
+            print(f"  {name}: FAILED {type(e).__name__}: {e}")
+            if name == "fused":
+                FAILED.append(f"fp32 weight: {name}")
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    print("  (TRL 1.16, in another harness on the same card: 45.8 ms, 0.83 GiB extra)")
+
+
+CHECKS = {"compile": check_compile, "graph": check_graph, "fp32": check_fp32_weight}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.op_checks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(CHECKS), help="comma-separated subset of " + ",".join(CHECKS))
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: tiny shapes, compile with aot_eager, no CUDA graphs (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
+        return 2
+    bm.DEVICE = args.device
+    FAILED.clear()
+    print(f"{bm._device_name()}, torch {torch.__version__}, commit {bm._commit()}")
+    for name in args.only.split(","):
+        try:
+            CHECKS[name](small=args.device == "cpu")
+        except Exception as e:
+            FAILED.append(name)
+            print(f"  {name}: FAILED {type(e).__name__}: {e}")
+            traceback.print_exc(limit=-3)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"op checks: {'all passed' if not FAILED else 'FAILED: ' + ', '.join(FAILED)}")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
