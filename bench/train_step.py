@@ -1,7 +1,9 @@
 """One DPO training step on a random-init Qwen2-0.5B-shaped model (tied head, V=151936), 8 sequences
 x 1024 tokens, bf16: policy forward+backward and reference forward, eager logits vs fused hidden path.
 
-    python -m bench.train_step        (needs CUDA; ~1 minute on an H100)
+    python -m bench.train_step             (needs CUDA; ~1 minute on an H100)
+    python -m bench.train_step --profile   (then a torch profiler over a few fused steps: top ops
+                                            by self CUDA and self CPU time, and the host syncs)
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a tiny model through the same code paths (smoke run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile a few fused steps: where the step's time goes beyond the model")
+    ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if cuda else "CPU smoke run"
     print(f"{name}: Qwen2-shaped H={cfg.hidden_size} L={cfg.num_hidden_layers}, B={B} T={T} "
           f"V={cfg.vocab_size} {dtype}; weights {weights / 2**30:.2f} GiB")
-    results = {}
+    results, steps = {}, {}
     for label, (pol, rf) in variants.items():
         def step(pol=pol, rf=rf):
             policy.zero_grad(set_to_none=True)
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             return loss.detach()
 
+        steps[label] = step
         results[label] = float(step())
         policy.zero_grad(set_to_none=True)
         peak = 0.0
@@ -86,7 +92,40 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     a, b = results.values()
     print(f"  loss agreement: eager {a:.6f} fused {b:.6f}")
+    if args.profile:
+        profile_steps(steps["fused hidden-state path"], args.profile_steps, cuda)
     return 0
+
+
+# Host syncs show up as these runtime calls (a D2H copy blocks until the stream is done).
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+D2H_EVENTS = ("Memcpy DtoH",)  # the copy as the GPU side records it (.item(), bool(), .cpu())
+
+
+def profile_steps(step, n: int, cuda: bool, top: int = 15) -> None:
+    """Run `n` steps under torch.profiler and print the top ops by self CUDA and self CPU time,
+    and the count of host syncs (stream/device syncs, device-to-host copies) per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step()  # warm-up outside the trace
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"\nprofile of {n} fused steps (totals over the {n} steps)")
+    if cuda:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    syncs = sum(e.count for e in events if any(k in e.key for k in SYNC_EVENTS))
+    d2h = sum(e.count for e in events if any(k in e.key for k in D2H_EVENTS))
+    local_dense = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    nonzero = sum(e.count for e in events if e.key == "aten::nonzero")
+    print(f"host syncs per step: {syncs / n:.1f} stream/device syncs, {d2h / n:.1f} D2H copies "
+          f"(aten::_local_scalar_dense {local_dense / n:.1f}: .item()/bool(); aten::nonzero "
+          f"{nonzero / n:.1f})")
 
 
 if __name__ == "__main__":
