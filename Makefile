@@ -28,11 +28,13 @@ bench-cpu: $(STAMP)
 	$(BIN)/python -m pytest bench/test_cpu_bench.py -q -s --benchmark-only -p no:cacheprovider \
 		--benchmark-columns=median,min,max 2>&1 | grep -v USDT
 
-# Competitors for the GPU tables travel as wheels (the GPU machine has no network; both are pure
-# Python and their needs, torch and triton, are on its image). Carry `.whl` with the device call.
+# Competitors for the GPU tables travel as wheels (the GPU machine has no network; all three are
+# pure Python and their needs, torch, triton and transformers, are on its image). TRL alone, no
+# dependencies: `trl.kernels` imports with those three; bench/providers.py stands in for the one
+# accelerate-bound helper its chunked backward imports. Carry `.whl` with the device call.
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel cut-cross-entropy
+		liger-kernel cut-cross-entropy trl==1.16.0
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff

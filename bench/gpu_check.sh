@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a machine with no network (torch, triton, transformers preinstalled).
-# Installs this checkout without dependencies, runs the CUDA tests (compiled kernels, realistic
-# vocabularies, B*T*V > 2**31), a block-size sweep, the timing tables (logits path, hidden-state
-# path) and one DPO training step. Expected about 5 minutes on an H100; the stage timeouts add up
-# to 590 s, so the whole script ends inside one 10-minute device call whatever happens.
+# Installs this checkout without dependencies (and Liger-Kernel, Cut-CE, TRL 1.16 from .whl/ when
+# `make gpu-wheels` filled it), then: the CUDA tests; issue 9's small-shape table with a sync per
+# call; the op checks (fullgraph torch.compile, CUDA-graph replay, fp32 master weight at
+# 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
+# Cut-CE and TRL's kernels; a short BLOCK_V sweep; one DPO training step with a profile of the
+# fused step (issue 8). Every stage has its own timeout; they add up to 560 s, so the script ends
+# inside one 10-minute device call whatever happens.
 #
-# Under $OUT (at most 8 files come back from the device tool): gpu_check.log, logits/results.csv,
-# logits/logits.png, hidden/results.csv.
+# Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
+# small/small_shapes.csv, logits/results.csv, logits/logits.png, hidden/results.csv.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu_out}
 mkdir -p "$OUT"
@@ -14,41 +17,43 @@ LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 cd "$(dirname "$0")/.."
-stage() { echo; echo "== $* =="; }
+stage() { echo; echo "== $* == $(date +%T)"; }
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+  timeout 30 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
-  if ls .whl/*.whl >/dev/null 2>&1; then  # Liger-Kernel, Cut-CE brought by `make gpu-wheels`
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  if ls .whl/*.whl >/dev/null 2>&1; then  # Liger-Kernel, Cut-CE, TRL brought by `make gpu-wheels`
+    timeout 15 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "no .whl/: Liger-Kernel and Cut-CE rows will be skipped (make gpu-wheels, carry .whl)"
+    echo "no .whl/: Liger-Kernel, Cut-CE and TRL rows will be skipped (make gpu-wheels, carry .whl)"
   fi
 
   stage "CUDA tests"
-  timeout 120 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+  timeout 90 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
-  stage "forward variants x block sizes: fused_triton, fwd and fwd+bwd, 8x1024x128256 bf16"
-  for lse in block lane; do
-    for blk in 2048 4096 8192; do
-      FUSED_DPO_LSE=$lse FUSED_DPO_BLOCK_V=$blk timeout 30 python3 -m bench logits --quick \
-        --providers fused_triton --shapes 8x1024x128256 --out "/tmp/sweep_${lse}_$blk" 2>&1 \
-        | grep -E "^logits" | sed "s/^/LSE=$lse BLOCK_V=$blk /"
-    done
+  stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
+  timeout 40 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
+
+  stage "op checks: fullgraph torch.compile, CUDA graph replay, fp32 master weight (8x1024x4096x128256)"
+  timeout 90 python3 -m bench.op_checks 2>&1
+
+  stage "logits path: the issue's three shapes"
+  timeout 110 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
+    --providers fused_triton,trl_kernel,liger_ce,eager,torch.compile --out "$OUT/logits" 2>&1
+
+  stage "hidden-state path, bf16 weight"
+  timeout 65 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
+    --providers fused_triton,trl_chunked,cut_ce,eager --out "$OUT/hidden" 2>&1
+
+  stage "BLOCK_V sweep: fused_triton at 8x1024x128256 (4096, the default, is in the logits table)"
+  for blk in 2048 8192; do
+    FUSED_DPO_BLOCK_V=$blk timeout 25 python3 -m bench logits --quick --providers fused_triton \
+      --shapes 8x1024x128256 --out "/tmp/sweep_$blk" 2>&1 | grep -E "^logits" | sed "s/^/BLOCK_V=$blk /"
   done
 
-  stage "logits path: the issue's three shapes plus a short vocab sweep"
-  timeout 140 python3 -m bench logits --quick \
-    --shapes 8x1024x128256,4x4096x151936,8x2048x32000,8x1024x256000,2x1024x128256 \
-    --providers fused_triton,eager,torch.compile,liger_ce --out "$OUT/logits" 2>&1
-
-  stage "hidden-state path"
-  timeout 90 python3 -m bench hidden --quick --providers fused_triton,eager,cut_ce \
-    --out "$OUT/hidden" 2>&1
-
-  stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16)"
-  timeout 60 python3 -m bench.train_step 2>&1
+  stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16), with a profile of the fused step"
+  timeout 70 python3 -m bench.train_step --profile 2>&1
   stage "done"
 } 2>&1 | tee "$LOG"

@@ -89,10 +89,10 @@ def logits_providers() -> dict:
     p = {
         "fused_triton": lambda x, i, m: get_logps(x, i, m, impl="triton", validate=False),
         "fused_torch": lambda x, i, m: get_logps(x, i, m, impl="torch", validate=False),
+        "trl_kernel": trl_logits_provider(),
         "eager": lambda x, i, m: get_logps_reference(x, i, m),
         "torch.compile": torch.compile(lambda x, i, m: get_logps_reference(x, i, m)),
         "trl_row_loop": _trl_row_loop,
-        "trl_kernel": trl_logits_provider(),
     }
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
