@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(CHECKS), help="comma-separated subset of " + ",".join(CHECKS))
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: tiny shapes, compile with aot_eager, no CUDA graphs (a smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device (the default on cpu)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{bm._device_name()}, torch {torch.__version__}, commit {bm._commit()}")
     for name in args.only.split(","):
         try:
-            CHECKS[name](small=args.device == "cpu")
+            CHECKS[name](small=args.tiny or args.device == "cpu")
         except Exception as e:
             FAILED.append(name)
             print(f"  {name}: FAILED {type(e).__name__}: {e}")

@@ -34,7 +34,48 @@ def test_train_step_bench_smoke(capsys):
     # CPU even on a GPU machine: train_step's CUDA mode is the full Qwen2-0.5B-shaped measurement
     # (about a minute), not a smoke run, and on CPU tensors "auto" takes the torch path, which needs
     # no interpreter.
-    assert train_step(["--device", "cpu"]) == 0
+    assert train_step(["--device", "cpu", "--profile", "--profile-steps", "1"]) == 0
     out = capsys.readouterr().out
-    eager, fused = (float(x) for x in out.split("loss agreement: eager ")[1].split(" fused "))
+    line = out.split("loss agreement: eager ")[1].splitlines()[0]  # "<eager> fused <fused>"
+    eager, fused = (float(x) for x in line.split(" fused "))
     assert abs(eager - fused) < 1e-5
+    assert "host syncs per step" in out
+
+
+def test_small_shapes_table(tmp_path, device, capsys):
+    from bench.small_shapes import main as small_shapes
+
+    assert small_shapes(["--device", device, "--shapes", "2x16x64", "--reps", "2",
+                         "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "small_shapes.csv").open()))
+    got = {(r["provider"], r["mode"]) for r in rows}
+    for p in ("fused validate=False", "fused validate=True", "eager"):
+        for mode in ("forward", "fwd+bwd"):
+            assert (p, mode) in got
+    for r in rows:
+        assert float(r["host_ms"]) > 0 and float(r["wall_ms"]) > 0, r
+
+
+def test_op_checks_smoke(device, capsys):
+    from bench.op_checks import main as op_checks
+
+    rc = op_checks(["--device", device, "--tiny"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "op checks: all passed" in out
+    assert "get_logps_from_hidden: weight grad" in out
+    assert "(grads bfloat16/float32)" in out  # the fp32 master weight's gradient comes back fp32
+    if device == "cpu":
+        assert "CUDA graphs need a CUDA device" in out
+
+
+def test_cpu_proxies_counts(capsys):
+    import bench.cpu_proxies as proxies
+
+    # The launchers are stubbed, so this runs on CPU tensors on any machine (impl="torch").
+    r = proxies.measure("torch", False, (2, 16, 64), reps=2)
+    # One call: two launches forward (row statistics, per-sequence reduction), one backward.
+    assert (r["fwd_launches"], r["bwd_launches"]) == (2, 1), r
+    assert r["fwd_ops"] > 0 and r["bwd_ops"] > 0
+    assert "_local_scalar_dense" not in r["fwd_op_names"]  # validate=False: no host sync
+    assert proxies.main(["--shape", "2x16x64", "--reps", "2", "--impls", "torch"]) == 0
