@@ -94,6 +94,10 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mm(a, b, out=out)
     elif out.dtype == torch.float32 and _mm_f32_supported(a):
         torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+    elif out.dtype == torch.float32:
+        # No fp32-output low-precision GEMM here (the CPU): multiply in fp32 rather than round
+        # each chunk's product to bf16.
+        torch.mm(a.float(), b.float(), out=out)
     else:
         out.copy_(torch.mm(a, b))
 
@@ -105,7 +109,7 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     elif _mm_f32_supported(a):
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     else:
-        acc.add_(torch.mm(a, b))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
@@ -254,6 +258,7 @@ class _HiddenLogps(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
         ctx.args = args
         ctx.mark_non_differentiable(counts, bad)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
         return out, counts, bad
 
     @staticmethod

@@ -113,6 +113,7 @@ class _Logps(torch.autograd.Function):
         ctx.args = (shift, temperature, softcap, reduction, impl)
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(counts, bad)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
         return out, counts, bad
 
     @staticmethod

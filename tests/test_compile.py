@@ -24,14 +24,17 @@ ELEM = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
 ALIGNED_INTS = {"V", "stride_xb", "stride_xr", "stride_gb", "stride_gr"}
 
 
+POINTERS = {"labels_ptr": "*i64", "mask_ptr": "*u8", "idx_ptr": "*i64", "bad_ptr": "*i32"}
+
+
 def _compile(fn, elem, constexprs, cc, warps):
+    acc = "*fp64" if elem == "fp64" else "*fp32"
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = {"x_ptr": ELEM[elem], "grad_ptr": ELEM[elem], "labels_ptr": "*i64",
-                         "weights_ptr": "*u8"}.get(name, "*fp64" if elem == "fp64" else "*fp32")
+            sig[name] = ELEM[elem] if name in ("x_ptr", "grad_ptr") else POINTERS.get(name, acc)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("inv_temp", "softcap"):
             sig[name] = "fp32"
@@ -40,9 +43,9 @@ def _compile(fn, elem, constexprs, cc, warps):
             if name in ALIGNED_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(constexprs)
-    constexprs.setdefault("stride_xv", 1)  # specialised by the launcher for unit stride
-    if "stride_gv" in fn.arg_names:
-        constexprs.setdefault("stride_gv", 1)
+    for unit in ("stride_xv", "stride_gv"):  # specialised by the launcher for unit stride
+        if unit in fn.arg_names:
+            constexprs.setdefault(unit, 1)
     sig.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(fn, sig, constexprs, attrs),
                           target=GPUTarget("cuda", cc, 32),
@@ -61,25 +64,43 @@ def _ptxas_report(ptx, cc, tmp_path):
 
 
 BLOCKS = sorted({K.launch_config(V) for V in (123, 32000, 128256, 151936, 256000)})
-STATS = [
-    dict(HAS_WEIGHTS=w, HAS_IGNORE=i, HAS_SOFTCAP=c, LANE_MAX=lane)
-    for (w, i), c, lane in itertools.product([(True, False), (False, True), (False, False)],
-                                             [False, True], [False, True])
-]
-GRAD = [dict(HAS_SOFTCAP=c) for c in (False, True)]
-CASES = [
-    (fn, flags, elem, block, cc)
-    for fn, flag_list in ((K._row_stats_kernel, STATS), (K._row_grad_kernel, GRAD))
-    for flags in flag_list
-    for elem in ("bf16", "fp16", "fp32", "fp64")
-    for block in BLOCKS
-    for cc in (90, 80)
-]
+WEIGHTS = [dict(HAS_MASK=True, HAS_IGNORE=False), dict(HAS_MASK=False, HAS_IGNORE=True),
+           dict(HAS_MASK=False, HAS_IGNORE=False)]
+# (HAS_ROW_INDEX, ACCUMULATE): the logits path; the hidden path's first and later vocab chunks,
+# compacted; its later chunks under CUDA graph capture (no compaction).
+HIDDEN = [(False, False), (True, False), (True, True), (False, True)]
+STATS = [dict(w, HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, ACCUMULATE=a)
+         for w, c, (ri, a) in itertools.product(WEIGHTS, [False, True], HIDDEN)]
+GRAD = [dict(HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, REDUCTION=red)
+        for c, ri, red in itertools.product([False, True], [False, True], [K.SUM, K.MEAN, K.NONE])]
+REDUCE = [dict(REDUCTION=red) for red in (K.SUM, K.MEAN, K.NONE)]
+
+
+def _cases():
+    cases = []
+    for fn, flag_list in ((K._row_stats_kernel, STATS), (K._row_grad_kernel, GRAD)):
+        for flags, elem, block, cc in itertools.product(flag_list, ("bf16", "fp16", "fp32", "fp64"),
+                                                        BLOCKS, (90, 80)):
+            # sm_80 and the small block: the plain variants only (the flags change scalar code,
+            # not the row loop, which the sm_90 / 4096 cases cover for every flag).
+            plain = not flags.get("HAS_ROW_INDEX") and flags.get("REDUCTION", K.SUM) == K.SUM
+            if (cc == 80 or block[0] < 1024) and not plain:
+                continue
+            cases.append((fn, flags, elem, block, cc))
+    for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
+        cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, 4), cc))
+    return cases
+
+
+CASES = _cases()
 
 
 def _id(case):
     fn, flags, elem, (block, warps), cc = case
-    on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v) or "plain"
+    on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v is True)
+    if "REDUCTION" in flags:
+        on = "-".join(filter(None, [on, ("sum", "mean", "none")[flags["REDUCTION"]]]))
+    on = on or "plain"
     return f"{fn.__name__.strip('_')}-{on}-{elem}-B{block}w{warps}-sm{cc}"
 
 
@@ -91,8 +112,9 @@ def compile_all(tmp):
     for case in CASES:
         fn, flags, elem, (block, warps), cc = case
         acc = tl.float64 if elem == "fp64" else tl.float32
+        size = {"BLOCK_R" if fn is K._seq_reduce_kernel else "BLOCK_V": block}
         try:
-            k = _compile(fn, elem, dict(flags, ACC=acc, BLOCK_V=block), cc, warps)
+            k = _compile(fn, elem, dict(flags, ACC=acc, **size), cc, warps)
             regs, spills = _ptxas_report(k.asm["ptx"], cc, Path(tmp))
             ptx = k.asm["ptx"]
             report[_id(case)] = dict(regs=regs, spills=spills, cubin=bool(k.asm.get("cubin")),
@@ -125,5 +147,5 @@ def test_kernel_compiles_without_spills(case, report):
     assert r["cubin"], "no cubin produced"
     assert r["spills"] == 0, f"{r['spills']} bytes of register spills ({r['regs']} registers)"
     assert r["regs"] <= 255
-    if elem != "fp64" and block >= 1024:
+    if elem != "fp64" and block >= 1024 and fn is not K._seq_reduce_kernel:
         assert r["vector"], "row loads are not vectorised"
