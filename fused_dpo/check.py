@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 
 import torch
@@ -34,7 +38,8 @@ def measure_peak_bytes(fn) -> int:
     running sum of every op's own allocations (+) and frees (-)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_stderr_lines("USDT:"), profile(activities=[ProfilerActivity.CPU],
+                                                  profile_memory=True) as prof:
         fn()
     events = [e for e in prof.events() if e.self_cpu_memory_usage]
     cur = peak = 0
@@ -44,7 +49,49 @@ def measure_peak_bytes(fn) -> int:
     return peak
 
 
-def main(B: int = 4, T: int = 256, V: int = 32000, dtype: str = "bfloat16") -> int:
+@contextlib.contextmanager
+def _without_stderr_lines(prefix: str):
+    """Drop the lines starting with `prefix` that C++ code writes to fd 2 meanwhile (the CPU
+    profiler prints `USDT: ... profiler_start/stop` there); every other line is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith(prefix)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import ArgumentParser
+
+    ap = ArgumentParser(prog="fused-dpo check", description="get_logps against the float64 eager "
+                        "reference on this device (CUDA if present), forward+backward, with the "
+                        "median time and the peak memory of each.")
+    ap.add_argument("--batch", type=int, default=4, help="sequences (default 4)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    try:
+        args = ap.parse_args(argv)
+        for name in ("batch", "seq_len", "vocab"):
+            if getattr(args, name) < (2 if name == "seq_len" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _check(args.batch, args.seq_len, args.vocab, args.dtype)
+
+
+def _check(B: int, T: int, V: int, dtype: str) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)

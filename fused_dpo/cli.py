@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of printing usage and exiting: every command's
+    errors end as one `error: ...` line on stderr with exit code 2."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} ({self.prog} --help lists the options)")
+
+
+def _bench_main():
+    """bench/ is a folder of the checkout, not part of the installed package. The console script
+    starts with its own bin/ folder on sys.path, so look for the checkout beside the package (an
+    editable install) and in the current directory."""
+    try:
+        from bench.__main__ import main
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.__main__"):
+            raise
+    else:
+        return main
+    import fused_dpo
+
+    for root in (Path(fused_dpo.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "bench" / "__main__.py").is_file():
+            sys.path.insert(0, str(root))
+            from bench.__main__ import main
+
+            return main
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,20 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "check":
         from .check import main as check
 
-        return check()
+        return check(rest)
     if cmd == "train":
         from .train.cli import main as train
 
         return train(rest)
     if cmd == "bench":
-        try:
-            from bench.__main__ import main as bench
-        except ImportError:
-            print("the benchmarks live in the repository's bench/ folder: run `python -m bench` "
-                  "from a checkout", file=sys.stderr)
+        bench = _bench_main()
+        if bench is None:
+            print("error: the benchmarks live in the repository's bench/ folder, which is not beside "
+                  "this installation nor in the current directory: run `python -m bench` from a "
+                  "checkout", file=sys.stderr)
             return 2
         return bench(rest)
-    print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
+    print(f"error: unknown command {cmd!r}; {usage}", file=sys.stderr)
     return 2
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..losses import check_loss_options
+from .._common import IMPLS
+from ..losses import REFERENCE_FREE, check_loss_options
 
 
 @dataclass
@@ -19,6 +21,7 @@ class DPOConfig:
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
     rpo_alpha: float | None = None
     loss_reduction: str = "mean"  # "mean" over pairs (right) or "sum" (the failing preset)
     # optimisation
@@ -26,7 +29,7 @@ class DPOConfig:
     lr_scheduler: str = "cosine"  # constant | linear | cosine
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
     max_steps: int = 300
@@ -56,33 +59,39 @@ class DPOConfig:
         self.validate()
 
     def validate(self) -> None:
+        hints = typing.get_type_hints(DPOConfig)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, hints[f.name], getattr(self, f.name))
         check_loss_options(self.loss_type, self.loss_weights, self.beta, self.label_smoothing,
-                           "mean", self.rpo_alpha)
-        choices = {
-            "loss_reduction": ("mean", "sum"), "lr_scheduler": ("constant", "linear", "cosine"),
-            "truncation_side": ("left", "right"), "precision": ("fp32", "bf16", "fp16"),
-            "reference": ("model", "precomputed", "none"),
-            "logps_impl": ("auto", "triton", "torch", "reference"),
-        }
-        for name, allowed in choices.items():
+                           "mean", self.rpo_alpha, self.simpo_gamma, self.discopop_tau)
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length",
                     "logging_steps", "eval_steps", "save_steps", "max_bad_steps")
         for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and
+                                                   math.isfinite(self.max_grad_norm)):
+            # A negative norm flips every gradient (the run trains backwards); 0 zeroes them.
+            raise ValueError(f"max_grad_norm must be a finite number > 0, or none to disable "
+                             f"clipping; got {self.max_grad_norm!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs!r}")
-        if self.reference == "none" and any(t not in ("simpo", "orpo", "sft") for t in self.loss_type):
-            raise ValueError(f"reference='none' only works with reference-free losses, not {self.loss_type}")
-        if max(self.warmup_steps, 0) != self.warmup_steps:
+        if self.reference == "none" and any(t not in REFERENCE_FREE for t in self.loss_type):
+            raise ValueError(f"reference='none' only works with the reference-free losses "
+                             f"{REFERENCE_FREE}, not {self.loss_type}")
+        if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir must not be empty (it would write into the current directory)")
 
     @property
     def effective_batch_size(self) -> int:
@@ -102,23 +111,91 @@ class DPOConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> DPOConfig:
         """JSON or TOML file of DPOConfig fields."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
+        return cls.from_dict(read_config_file(path))
 
-            return cls.from_dict(tomllib.loads(text))
-        return cls.from_dict(json.loads(text))
+
+CHOICES = {
+    "loss_reduction": ("mean", "sum"), "lr_scheduler": ("constant", "linear", "cosine"),
+    "truncation_side": ("left", "right"), "precision": ("fp32", "bf16", "fp16"),
+    "reference": ("model", "precomputed", "none"), "logps_impl": IMPLS,
+}
+
+# Fields that may change when a run is resumed: how long it runs and how often it logs, evaluates
+# and saves, and where its directory lives. Every other field shapes the trajectory.
+RESUMABLE_CHANGES = ("max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps",
+                     "output_dir")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The fields in a JSON or TOML config file, as a dict (checked by DPOConfig.from_dict)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        raise ValueError(f"config {path}: YAML is not supported; use a JSON (.json) or TOML (.toml) file")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config {path}: cannot read it ({e})") from None
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path}: not valid JSON (line {e.lineno}: {e.msg}); the config "
+                             f"file is JSON (.json) or TOML (.toml)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config {path}: expected a table of DPOConfig fields, got {type(d).__name__}")
+    return d
+
+
+def _check_type(name: str, hint, v) -> None:
+    """Values from a JSON/TOML file arrive untyped: `learning_rate = "1e-3"` or
+    `disable_dropout = "no"` must fail here, not run with a surprising meaning."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if v is None:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(v, list) and all(_is(inner, x) for x in v):
+            return
+        want = f"a list of {_WORDS[inner][1]}"
+    elif _is(hint, v):
+        return
+    else:
+        want = _WORDS[hint][0]
+    none = " or none" if type(None) in args else ""
+    raise ValueError(f"{name} must be {want}{none}, got {type(v).__name__} {v!r}")
+
+
+_WORDS = {float: ("a number", "numbers"), int: ("an integer", "integers"),
+          bool: ("a boolean (true/false)", "booleans"), str: ("a string", "strings")}
+
+
+def _is(t: type, v) -> bool:
+    if isinstance(v, bool):
+        return t is bool
+    if t is float:
+        return isinstance(v, (int, float))
+    return isinstance(v, t)
 
 
 PRESETS = {
     # The failing run that started this project: batch 1, summed (not averaged) loss, beta 0.1,
-    # long training with a learning rate that lets the margin run away.
+    # long training with a learning rate that lets the margin run away, no clipping.
     "margin-explosion": dict(batch_size=1, gradient_accumulation_steps=1, loss_reduction="sum",
                              beta=0.1, learning_rate=3e-3, lr_scheduler="constant", warmup_steps=0,
-                             max_grad_norm=1e9),
+                             max_grad_norm=None),
     # The same budget, fixed: a real batch and the loss averaged over it.
     "margin-explosion-fixed": dict(batch_size=16, loss_reduction="mean", beta=0.1,
                                    learning_rate=1e-3, lr_scheduler="cosine", max_grad_norm=1.0),
 }
-

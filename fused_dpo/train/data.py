@@ -54,14 +54,25 @@ def zen_pairs() -> list[dict]:
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file, each checked here so that an error names the file and its line
+    (after the train/held-out shuffle, a row's position no longer says where it came from)."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
+        try:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    check_row(row, f"{path}:{i}")
+                    rows.append(row)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return rows
 
 
@@ -100,15 +111,28 @@ class Tokenized:
         return f"{len(self.pairs)} pairs kept; skipped {sum(self.skipped.values())}: {reasons}"
 
 
-def _text(tok, value, what: str, i: int, prompt: bool) -> str:
+def check_row(row, where: str) -> None:
+    """A preference row is an object with prompt, chosen and rejected, each a string or a list of
+    chat messages ({"role": ..., "content": ...}). `where` names the row in the error."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with {FIELDS}, got {type(row).__name__}")
+    missing = [k for k in FIELDS if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; each row needs {FIELDS}")
+    for k in FIELDS:
+        v = row[k]
+        if not (isinstance(v, str) or (isinstance(v, list) and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in v))):
+            raise ValueError(f"{where}: field {k!r} must be a string or a list of chat messages, "
+                             f"got {type(v).__name__}")
+
+
+def _text(tok, value, prompt: bool) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-        if prompt:
-            return tok.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-        return "".join(m["content"] for m in value)
-    raise ValueError(f"row {i}: field {what!r} must be a string or a list of chat messages, "
-                     f"got {type(value).__name__}")
+    if prompt:
+        return tok.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] for m in value)
 
 
 def tokenize(rows: list[dict], tok, max_length: int, truncation_side: str = "left") -> Tokenized:
@@ -118,12 +142,8 @@ def tokenize(rows: list[dict], tok, max_length: int, truncation_side: str = "lef
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id]
     for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"row {i}: expected an object with {FIELDS}, got {type(row).__name__}")
-        missing = [k for k in FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"row {i}: missing field(s) {missing}; each row needs {FIELDS}")
-        p, c, r = (_text(tok, row[k], k, i, k == "prompt") for k in FIELDS)
+        check_row(row, f"row {i}")
+        p, c, r = (_text(tok, row[k], k == "prompt") for k in FIELDS)
         if not c.strip() or not r.strip():
             out.skipped["empty response"] += 1
             continue

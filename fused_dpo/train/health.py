@@ -7,6 +7,7 @@ accuracy 1. It looks like convergence; it is the policy running away from the re
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -23,8 +24,22 @@ MARGIN_NATS_PER_TOKEN = 1.0
 MEMORISE_LOSS_FRACTION = 0.05  # loss below 5% of its start ...
 MEMORISE_ACCURACY = 0.99  # ... with accuracy ~1 ...
 MEMORISE_EARLY_STEPS = 20  # ... within the first steps (or 5% of the run, if longer)
-DISPLACEMENT_NATS_PER_TOKEN = 0.5  # chosen log-prob per token fell by this much since the start
+DISPLACEMENT_NATS_PER_TOKEN = 0.5  # chosen log-prob per token fell by this much since the start,
+DISPLACEMENT_WINDOW = 20  # on average over this many steps: a one-batch loss spike (the default run
+# has one at step 153: chosen -30 -> -86 -> -47 within six steps) is not a trend
 WINDOW = 5  # steps averaged before a trend check
+# Loss rising: the mean training loss over the last RISE_WINDOW steps is above RISE_FACTOR x its
+# start. For DPO that is 1.04 = -log sigmoid(-0.6): on average the policy now prefers the rejected
+# response. Learning never holds the loss there for ten steps; a sign error does.
+RISE_WINDOW = 10
+RISE_FACTOR = 1.5
+# Under chance: held-out accuracy below 1/2 by more than luck explains, one-sided binomial
+# P(X <= correct | n, 1/2) < 1%: with 160 pairs that is <= 64 correct (0.40); with 10 pairs, 0;
+# under 7 pairs it cannot fire (the overfitting check covers tiny held-out sets).
+CHANCE_P_VALUE = 0.01
+# Overfitting: the held-out loss is above its best so far by this fraction of its value before
+# training (log 2 for DPO: +0.17 nats) while the training loss is below its start.
+OVERFIT_RISE = 0.25
 
 
 @dataclass
@@ -46,6 +61,12 @@ EXPLAIN = {
     "effective_batch_1": "effective batch size 1: every update follows a single pair, so nothing "
                          "averages the margin's growth (the failing run had this)",
     "nonfinite_loss": "NaN/inf loss: the step was skipped",
+    "loss_rising": "the training loss rose from its start (log 2 for DPO) and stays well above it: "
+                   "the updates push the wrong way (a sign error, a flipped gradient, swapped pairs)",
+    "accuracy_below_chance": "held-out preference accuracy is below chance by more than luck "
+                             "explains: the policy learned to prefer the rejected responses",
+    "overfitting": "the held-out loss rises while the training loss falls: the model memorises "
+                   "its training pairs instead of learning the preference (too little data)",
 }
 
 
@@ -61,6 +82,10 @@ class HealthMonitor:
         self.bad_in_a_row = 0
         self.start: dict[str, float] | None = None
         self.recent: deque = deque(maxlen=WINDOW)
+        self.losses: deque = deque(maxlen=RISE_WINDOW)
+        self.chosen: deque = deque(maxlen=DISPLACEMENT_WINDOW)  # chosen log-prob per token
+        self.eval_start: float | None = None  # held-out loss at the first evaluation
+        self.eval_best: float | None = None
 
     # -- checks -----------------------------------------------------------------------------
     def check_config(self, effective_batch_size: int) -> list[Flag]:
@@ -90,6 +115,13 @@ class HealthMonitor:
                                        f"{self.expected_step0_loss:.6f} (off by {d:.2e}); mean "
                                        f"|margin| {spread:.2e}, expected 0")
         self.recent.append(point)
+        self.losses.append(m["loss"])
+        self.chosen.append(point["chosen_per_token"])
+        if len(self.losses) == RISE_WINDOW and self.start["loss"] > 0:
+            mean = sum(self.losses) / RISE_WINDOW
+            if mean > RISE_FACTOR * self.start["loss"]:
+                new += self._raise("loss_rising", step, f"mean loss {mean:.4f} over the last "
+                                   f"{RISE_WINDOW} steps, start {self.start['loss']:.4f}")
         if len(self.recent) < WINDOW:
             return new
         avg = {k: sum(p[k] for p in self.recent) / len(self.recent) for k in point}
@@ -102,10 +134,30 @@ class HealthMonitor:
                 and avg["acc"] >= MEMORISE_ACCURACY):
             new += self._raise("memorising", step, f"loss {avg['loss']:.4f} (start "
                                f"{self.start['loss']:.4f}), accuracy {avg['acc']:.2f} at step {step}")
-        fell = self.start["chosen_per_token"] - avg["chosen_per_token"]
-        if fell > DISPLACEMENT_NATS_PER_TOKEN and avg["margin_per_token"] > self.start["margin_per_token"]:
+        fell = self.start["chosen_per_token"] - sum(self.chosen) / len(self.chosen)
+        if (len(self.chosen) == DISPLACEMENT_WINDOW and fell > DISPLACEMENT_NATS_PER_TOKEN
+                and avg["margin_per_token"] > self.start["margin_per_token"]):
             new += self._raise("likelihood_displacement", step,
                                f"chosen log-prob fell {fell:.2f} nats/token while the margin grew")
+        return new
+
+    def observe_eval(self, step: int, loss: float, correct: int, n: int) -> list[Flag]:
+        """Feed one held-out evaluation: its mean loss per pair and the pairs ranked right."""
+        new: list[Flag] = []
+        if self.eval_start is None:
+            self.eval_start = self.eval_best = loss
+        trained = step > 0  # before the first update every margin is 0 (a tie), not a preference
+        if trained and n and binomial_cdf(correct, n) < CHANCE_P_VALUE:
+            new += self._raise("accuracy_below_chance", step, f"{correct}/{n} held-out pairs ranked "
+                               f"right, P(<= {correct} by luck) = {binomial_cdf(correct, n):.1e}")
+        train_fell = self.recent and self.start and (
+            sum(p["loss"] for p in self.recent) / len(self.recent) < self.start["loss"])
+        rise = loss - self.eval_best
+        if trained and train_fell and rise > OVERFIT_RISE * abs(self.eval_start):
+            new += self._raise("overfitting", step, f"held-out loss {loss:.4f}, best {self.eval_best:.4f}"
+                               f", before training {self.eval_start:.4f}; training loss "
+                               f"{self.recent[-1]['loss']:.4f}, start {self.start['loss']:.4f}")
+        self.eval_best = min(self.eval_best, loss)
         return new
 
     def nonfinite(self, step: int) -> tuple[list[Flag], bool]:
@@ -125,13 +177,17 @@ class HealthMonitor:
     # -- state and report ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"flags": [asdict(f) for f in self.flags], "bad_steps": self.bad_steps,
-                "bad_in_a_row": self.bad_in_a_row, "start": self.start, "recent": list(self.recent)}
+                "bad_in_a_row": self.bad_in_a_row, "start": self.start, "recent": list(self.recent),
+                "losses": list(self.losses), "chosen": list(self.chosen), "eval_start": self.eval_start, "eval_best": self.eval_best}
 
     def load_state_dict(self, s: dict) -> None:
         self.flags = [Flag(**f) for f in s["flags"]]
         self.bad_steps, self.bad_in_a_row = s["bad_steps"], s["bad_in_a_row"]
         self.start = s["start"]
         self.recent = deque(s["recent"], maxlen=WINDOW)
+        self.losses = deque(s["losses"], maxlen=RISE_WINDOW)
+        self.chosen = deque(s["chosen"], maxlen=DISPLACEMENT_WINDOW)
+        self.eval_start, self.eval_best = s["eval_start"], s["eval_best"]
 
     def report(self, extra: list[str] | None = None) -> str:
         lines = ["# Training health", ""]
@@ -149,3 +205,13 @@ class HealthMonitor:
             lines += [""] + extra
         return "\n".join(lines) + "\n"
 
+
+
+def binomial_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), summed in log space (n may be in the thousands)."""
+    if k >= n:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+            for i in range(k + 1)]
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(x - top) for x in logs)

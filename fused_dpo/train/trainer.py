@@ -1,97 +1,66 @@
 """A thin DPO trainer for transformers causal LMs. One loop, readable top to bottom:
 
-    for each step:  batch of pairs -> [chosen; rejected] in one forward -> hidden states
+    for each step:  every eval_steps: held-out loss and accuracy of the current weights
+                    batch of pairs -> [chosen; rejected] in one forward -> hidden states
                     -> fused log-probs (no logits) -> DPO-family loss averaged over the batch
-                    -> backward, clip, optimizer step -> metrics, health checks, eval, checkpoint
+                    -> backward, clip, optimizer step -> metrics, health checks -> log, checkpoint
+
+One step counter: step k is the weights after k optimizer updates. The metrics row of step k holds
+the training forward pass on those weights (before update k + 1) and, every eval_steps, their
+held-out evaluation; the checkpoint saved at step k holds them too. The last row, at step
+`total_steps()`, is the held-out evaluation of the final weights.
+
+Around the loop, in their own modules: the model adapter (`hf`), the checkpoint format and its
+fingerprints (`checkpoint`), the run directory (`rundir`), the learning-rate schedule (`schedule`)
+and the health checks (`health`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from .. import get_logps, get_logps_from_hidden
 from ..losses import REFERENCE_FREE, BCOState, dpo_loss
-from .config import DPOConfig
+from . import rundir
+from .checkpoint import (
+    CKPT,
+    FORMAT,
+    atomic_write_text,
+    config_changes,
+    config_fingerprint,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    weights_fingerprint,
+)
+from .config import RESUMABLE_CHANGES, DPOConfig
 from .data import Tokenized, collate, tokenize
 from .health import HealthMonitor
+from .hf import LogpsHead, disable_dropout
+from .schedule import lr_lambda
 
-CKPT = "checkpoint.pt"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout, module or functional (HF attention reads `attention_dropout`)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        for k, v in list(vars(cfg).items()):
-            if "dropout" in k and isinstance(v, float):
-                setattr(cfg, k, 0.0)
-
-
-class LogpsHead:
-    """Per-sequence response log-probs of a causal LM through its final hidden states and lm_head
-    (no full logits), falling back to logits when the head is not a plain linear layer."""
-
-    def __init__(self, model, impl: str):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            raise ValueError(f"{type(model).__name__} has no lm_head (get_output_embeddings() is None);"
-                             " DPO needs a causal language model")
-        self.model, self.head, self.impl = model, head, impl
-        self.base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-        cfg = model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None) or None
-        scale = getattr(cfg, "logit_scale", None)
-        self.temperature = 1.0 / scale if scale else 1.0
-        self.fused = isinstance(head, torch.nn.Linear) and self.base is not None
-
-    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = dict(impl=self.impl, softcap=self.softcap, temperature=self.temperature,
-                  return_counts=True, validate=False)
-        if self.fused:
-            hidden = self.base(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).last_hidden_state
-            bias = self.head.bias.to(hidden.dtype) if self.head.bias is not None else None
-            return get_logps_from_hidden(hidden, self.head.weight.to(hidden.dtype), batch["input_ids"],
-                                         batch["response_mask"], bias=bias, **kw)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return get_logps(logits, batch["input_ids"], batch["response_mask"], **kw)
+# LogpsHead lives in .hf; it stays importable from here (bench/train_step.py imports it so).
+__all__ = ["DPOTrainer", "LogpsHead"]
 
 
 class DPOTrainer:
     def __init__(self, model, ref_model, tokenizer, train_dataset, eval_dataset=None,
-                 config: DPOConfig | None = None):
+                 config: DPOConfig | None = None, sources: dict | None = None):
+        """`ref_model=None` uses a frozen copy of the initial policy. `sources` says how the caller
+        built the model and the data (e.g. {"model": "tiny", "data": "zen"}); it is recorded in
+        run.json, which is how `fused-dpo train --resume` finds them again."""
         self.config = cfg = config or DPOConfig()
         cfg.validate()
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
+        self.sources = dict(sources or {})
         self.train_data = self._tokenize(train_dataset, "train")
         self.eval_data = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
         if not self.train_data.pairs:
@@ -108,22 +77,31 @@ class DPOTrainer:
 
         self.ref_is_copy = False
         self.ref_cache: dict[str, torch.Tensor] = {}
-        if cfg.reference == "none":
-            self.ref_model = None
-        else:
+        self.ref_model = self.ref_logps = None
+        if cfg.reference != "none":
             if ref_model is None:
                 ref_model, self.ref_is_copy = copy.deepcopy(model), True
             if cfg.disable_dropout:
                 disable_dropout(ref_model)
             self.ref_model = ref_model.eval().requires_grad_(False)
             self.ref_logps = LogpsHead(self.ref_model, cfg.logps_impl)
+        # Not saved in checkpoints: rebuilt from its source on resume and checked against this.
+        self.ref_source = ("none" if self.ref_model is None else
+                           "a frozen copy of the initial policy" if self.ref_is_copy else
+                           "the model passed as ref_model")
+        self.fingerprints = {
+            "config": config_fingerprint(cfg.to_dict()),
+            "data": data_fingerprint(self.train_data, self.eval_data),
+            "reference": weights_fingerprint(self.ref_model) if self.ref_model is not None else None,
+        }
 
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay)
         steps = self.total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps))
         self.monitor = HealthMonitor(cfg.beta, steps, self._expected_step0_loss(), cfg.max_bad_steps)
         self.bco = BCOState()
+        self.run_id: str | None = None
         self.step = 0
         self.position = 0  # pairs consumed from the (epoch-shuffled) training stream
         self._perm: tuple[int, list[int]] = (-1, [])  # (epoch, its order), derived from position
@@ -143,25 +121,11 @@ class DPOTrainer:
             return cfg.max_steps
         return max(1, cfg.num_epochs * len(self.train_data.pairs) // cfg.effective_batch_size)
 
-    def _lr_lambda(self, steps: int):
-        cfg = self.config
-
-        def f(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / (cfg.warmup_steps + 1)
-            if cfg.lr_scheduler == "constant":
-                return 1.0
-            frac = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-            if cfg.lr_scheduler == "linear":
-                return max(0.0, 1.0 - frac)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-
-        return f
-
     def _expected_step0_loss(self) -> float | None:
-        """The loss at policy == reference (log 2 for DPO). None when it is not a constant there:
-        a reference that is not a copy of the policy, or any term that reads the policy's
-        log-probs themselves (reference-free losses, the RPO NLL term)."""
+        """The logged loss at policy == reference (log 2 for DPO, times the batch size when the
+        loss is summed). None when it is not a constant there: a reference that is not a copy of
+        the policy, or any term that reads the policy's log-probs themselves (reference-free
+        losses, the RPO NLL term)."""
         cfg = self.config
         if (cfg.reference == "none" or not self.ref_is_copy or cfg.rpo_alpha is not None
                 or any(t in REFERENCE_FREE for t in cfg.loss_type)):
@@ -169,13 +133,13 @@ class DPOTrainer:
         z = torch.zeros(1, dtype=torch.float64)
         loss, _ = dpo_loss(z - 1, z - 1, z - 1, z - 1, chosen_counts=z + 1, rejected_counts=z + 1,
                            **self._loss_kwargs(BCOState()))
-        return float(loss)
+        return float(loss) * (cfg.batch_size if cfg.loss_reduction == "sum" else 1)
 
     def _loss_kwargs(self, bco: BCOState) -> dict:
         cfg = self.config
         return dict(loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta,
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    rpo_alpha=cfg.rpo_alpha, bco_state=bco)
+                    discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, bco_state=bco)
 
     # -- data stream ---------------------------------------------------------------------------
     def _pair_indices(self, n_pairs: int) -> list[int]:
@@ -231,6 +195,8 @@ class DPOTrainer:
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_loss(self, data: Tokenized, idx: list[int], split: str, bco: BCOState):
+        """(mean loss over the pairs, metrics, per-pair reward margins (B,))."""
+        cfg = self.config
         batch = self._batch(data, idx)
         ref = self._reference(data, idx, batch, split)
         with self._autocast():
@@ -240,20 +206,31 @@ class DPOTrainer:
         rc, rr = (ref[:B], ref[B:]) if ref is not None else (None, None)
         loss, metrics = dpo_loss(logps[:B], logps[B:], rc, rr, chosen_counts=counts[:B],
                                  rejected_counts=counts[B:], **self._loss_kwargs(bco))
-        if self.config.loss_reduction == "sum":
-            loss = loss * B
         tokens = counts.float().mean()
         metrics = {**metrics, "tokens_per_response": tokens, "tokens": batch["attention_mask"].sum()}
-        if ref is not None:
-            with torch.no_grad():
-                ratio = logps - ref
-                metrics["kl_estimate"] = (ratio / counts.clamp_min(1)).mean()
+        with torch.no_grad():
+            n = counts.float().clamp_min(1)
+            # The rewards dpo_loss compares for rewards/accuracies, per pair.
+            if any(t not in REFERENCE_FREE for t in cfg.loss_type):
+                r = cfg.beta * (logps - ref)
+            else:
+                r = cfg.beta * torch.where(counts > 0, logps / n, torch.zeros_like(logps))
+            margins = r[:B] - r[B:]
+            if ref is not None:
+                # kl_estimate: k3 = (r - 1) - log r with r = policy / reference (Schulman,
+                # "Approximating KL divergence", 2020), an estimator of KL(reference || policy)
+                # from samples of the reference, which is what DPO's preference data usually are
+                # (responses of the SFT model the reference is). Applied per response to its mean
+                # log-ratio per token d: exp(d) - 1 - d, never negative, 0 at policy == reference.
+                d = ((logps - ref) / n).double()
+                metrics["kl_estimate"] = (torch.expm1(d) - d).mean()
                 # Mean |margin| over pairs: exactly 0 at policy == reference, and first-order in any
                 # difference (the loss is only second-order in symmetric noise such as dropout).
-                metrics["rewards/margins_abs"] = (self.config.beta * (ratio[:B] - ratio[B:])).abs().mean()
-        return loss, metrics
+                metrics["rewards/margins_abs"] = (cfg.beta * ((logps[:B] - rc) - (logps[B:] - rr))).abs().mean()
+        return loss, metrics, margins
 
     def train_step(self) -> dict[str, float] | None:
+        """One optimizer update; its metrics, or None when the step was skipped for a NaN/inf loss."""
         cfg = self.config
         t0 = time.perf_counter()
         if self.device.type == "cuda":
@@ -263,7 +240,9 @@ class DPOTrainer:
         finite = True
         for _ in range(cfg.gradient_accumulation_steps):
             idx = self._pair_indices(cfg.batch_size)
-            loss, m = self._forward_loss(self.train_data, idx, "train", self.bco)
+            loss, m, _ = self._forward_loss(self.train_data, idx, "train", self.bco)
+            if cfg.loss_reduction == "sum":
+                loss = loss * len(idx)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -271,125 +250,202 @@ class DPOTrainer:
             for k, v in {"loss": loss.detach(), **m}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
         step = self.step
+        self.step += 1
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            flags, stop = self.monitor.nonfinite(step)
-            self._announce(flags)
-            self.step += 1
             self.scheduler.step()
-            if stop:
-                raise TrainingStopped(f"training stopped at step {step}: {self.monitor.bad_in_a_row} "
-                                      f"NaN/inf losses in a row (max_bad_steps={cfg.max_bad_steps})")
+            self._announce(self.monitor.nonfinite(step)[0])
             return None
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         secs = time.perf_counter() - t0
         tokens = sums.pop("tokens") * cfg.gradient_accumulation_steps
-        m = dict(sums, step=step, grad_norm=float(grad_norm), lr=lr, tokens_per_s=tokens / secs,
+        m = dict(step=step, **sums, grad_norm=float(grad_norm), lr=lr, tokens_per_s=tokens / secs,
                  peak_mem_MiB=_peak_mem_mib(self.device),
                  epoch=self.position / len(self.train_data.pairs))
         flags = self.monitor.observe(step, m)
         self._announce(flags)
         m["flags"] = [f.name for f in flags]
-        self.step += 1
         return m
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out preference accuracy (policy margin > 0 against the reference) and loss."""
+        """Held-out preference accuracy (reward margin > 0), mean loss per pair and mean margin."""
+        return self._evaluate()[0]
+
+    def _evaluate(self) -> tuple[dict[str, float], int, int]:
+        """(metrics, pairs ranked right, pairs ranked wrong); ties (margin exactly 0) are neither."""
         if self.eval_data is None or not self.eval_data.pairs:
-            return {}
+            return {}, 0, 0
         self.model.eval()
         n = len(self.eval_data.pairs)
-        total: dict[str, float] = {}
-        for s in range(0, n, self.config.batch_size):
-            idx = list(range(s, min(s + self.config.batch_size, n)))
-            loss, m = self._forward_loss(self.eval_data, idx, "eval", copy.deepcopy(self.bco))
-            for k, v in {"loss": loss, "rewards/accuracies": m["rewards/accuracies"],
-                         "rewards/margins": m["rewards/margins"]}.items():
-                total[k] = total.get(k, 0.0) + float(v) * len(idx) / n
+        loss_sum = margin_sum = 0.0
+        right = wrong = 0
+        with torch.no_grad():
+            for s in range(0, n, self.config.batch_size):
+                idx = list(range(s, min(s + self.config.batch_size, n)))
+                loss, _, margins = self._forward_loss(self.eval_data, idx, "eval", copy.deepcopy(self.bco))
+                loss_sum += float(loss) * len(idx)
+                margin_sum += float(margins.double().sum())
+                right += int((margins > 0).sum())
+                wrong += int((margins < 0).sum())
         self.model.train()
-        return {f"eval/{k}": v for k, v in total.items()}
+        # Sums divided once: an accuracy of 160/160 reads 1.0, not 0.9999999999999999.
+        return ({"eval/loss": loss_sum / n, "eval/rewards/accuracies": right / n,
+                 "eval/rewards/margins": margin_sum / n}, right, wrong)
+
+    def _evaluate_and_check(self, step: int) -> dict:
+        """The eval/* metrics of the current weights, with the flags they raise under "flags"."""
+        ev, right, wrong = self._evaluate()
+        if not ev:
+            return {}
+        flags = self.monitor.observe_eval(step, ev["eval/loss"], right, right + wrong)
+        self._announce(flags)
+        return {**ev, "flags": [f.name for f in flags]}
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step, "position": self.position, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "monitor": self.monitor.state_dict(), "bco": vars(self.bco).copy(),
+        save_checkpoint(self.out / CKPT, {
+            "format": FORMAT, "run_id": self.run_id, "step": self.step, "position": self.position,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "monitor": self.monitor.state_dict(),
+            "bco": vars(self.bco).copy(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "ref_cache": self.ref_cache, "config": self.config.to_dict(),
-        }
-        if self.ref_is_copy and self.ref_model is not None:
-            state["ref_model"] = self.ref_model.state_dict()
-        atomic_write_bytes(self.out / CKPT, lambda f: torch.save(state, f))
+            "fingerprints": self.fingerprints,
+        })
 
-    def load(self) -> None:
-        path = self.out / CKPT
-        if not path.exists():
-            raise ValueError(f"--resume: no checkpoint at {path}")
-        s = torch.load(path, map_location=self.device, weights_only=False)
+    def _load(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.monitor.load_state_dict(s["monitor"])
         self.bco = BCOState(**s["bco"])
-        self.step, self.position = s["step"], s["position"]
+        self.run_id, self.step, self.position = s["run_id"], s["step"], s["position"]
         self.ref_cache = s["ref_cache"]
-        if "ref_model" in s and self.ref_model is not None:
-            self.ref_model.load_state_dict(s["ref_model"])
-        torch.set_rng_state(s["rng"]["torch"])
-        random.setstate(s["rng"]["python"])
+        if self.config.reference == "precomputed":  # the log-probs came with the checkpoint
+            self.ref_model = self.ref_logps = None
+        torch.set_rng_state(s["rng"]["torch"].cpu())
+        random.setstate(_as_tuples(s["rng"]["python"]))
+
+    # -- starting and resuming -------------------------------------------------------------------
+    def _start(self, overwrite: bool) -> None:
+        found = rundir.check_fresh(self.out, overwrite)
+        # Nothing was written before this point.
+        self.out.mkdir(parents=True, exist_ok=True)
+        for p in rundir.temporaries(self.out):
+            p.unlink()
+        if found:
+            print(f"--overwrite: replacing the run in {self.out}")
+            rundir.clear(self.out)
+        self.run_id = uuid.uuid4().hex[:12]
+        torch.manual_seed(self.config.seed)  # dropout, if enabled, is the only randomness in a step
+        random.seed(self.config.seed)
+        self._write_run_json({"run_id": self.run_id, "sources": self.sources,
+                              "reference": self.ref_source, "fingerprints": self.fingerprints,
+                              "resumes": []})
+        atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.out / rundir.METRICS, "")
+        self._announce(self.monitor.check_config(self.config.effective_batch_size))
+        if self.config.reference == "precomputed":
+            self.precompute_reference()
+
+    def _resume(self) -> None:
+        rundir.check_output_dir(self.out)
+        ckpt, run_json = self.out / CKPT, self.out / rundir.RUN
+        if not ckpt.exists() and run_json.exists():
+            raise ValueError(f"--resume: {self.out} holds a run that stopped before its first "
+                             f"checkpoint (save_steps={self.config.save_steps}); there is nothing to "
+                             f"resume: start it again with --overwrite")
+        s = load_checkpoint(ckpt, self.device)
+        run = read_run_json(self.out)
+        if s["run_id"] != run["run_id"]:
+            raise ValueError(f"--resume: {ckpt} belongs to another run (run id {s['run_id']}; "
+                             f"{run_json} says {run['run_id']}): start again with --overwrite")
+        allowed, refused = config_changes(s["config"], self.config.to_dict())
+        if refused:
+            raise ValueError(f"--resume: the configuration differs from the checkpoint's in "
+                             f"{_changes(refused)}; only {', '.join(RESUMABLE_CHANGES)} may change")
+        saved = s["fingerprints"]
+        if saved["data"] != self.fingerprints["data"]:
+            raise ValueError(f"--resume: the data differs from the run's (fingerprint "
+                             f"{self.fingerprints['data']}, checkpoint {saved['data']}; the run used "
+                             f"{_sources(run)}): resume with the same data, tokenizer and max_length")
+        if self.config.reference == "model" and saved["reference"] != self.fingerprints["reference"]:
+            raise ValueError(f"--resume: the reference model differs from the run's (weights "
+                             f"fingerprint {self.fingerprints['reference']}, checkpoint "
+                             f"{saved['reference']}); it is {run['reference']} ({_sources(run)}): "
+                             f"build it the same way")
+        kept, note = rundir.read_metrics(self.out / rundir.METRICS, s["step"])
+        # Every check passed: the writes start here.
+        for p in rundir.temporaries(self.out):
+            print(f"removed {p.name}, left by a save that was killed")
+            p.unlink()
+        atomic_write_text(self.out / rundir.METRICS, "".join(kept))
+        if note:
+            print(note)
+        if allowed:
+            print(f"--resume at step {s['step']} with {_changes(allowed)}")
+            run["resumes"].append({"step": s["step"], "changed": allowed})
+            self._write_run_json(run)
+            atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self._load(s)
+
+    def _write_run_json(self, run: dict) -> None:
+        atomic_write_text(self.out / rundir.RUN, json.dumps(run, indent=2) + "\n")
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self, resume: bool = False, progress: bool = True, until_step: int | None = None) -> dict:
-        """Run to the configured length (or stop after `until_step`, checkpointed, to resume later)."""
+    def train(self, resume: bool = False, progress: bool = True, until_step: int | None = None,
+              overwrite: bool = False) -> dict:
+        """Run to the configured length (or stop after `until_step`, checkpointed, to resume later).
+
+        A fresh run refuses a directory that holds another run unless `overwrite`; `resume`
+        continues the run in the directory after checking that the checkpoint is its own and that
+        the config (but for RESUMABLE_CHANGES), the data and the reference are the same."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
         if resume:
-            self.load()
-            kept = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] < self.step]
-            atomic_write_text(metrics_path, "".join(kept))
+            self._resume()
         else:
-            torch.manual_seed(cfg.seed)  # dropout, if enabled, is the only randomness in a step
-            random.seed(cfg.seed)
-            atomic_write_text(metrics_path, "")
-            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            self._announce(self.monitor.check_config(cfg.effective_batch_size))
-            if cfg.reference == "precomputed":
-                self.precompute_reference()
+            self._start(overwrite)
         total = self.total_steps()
         end = total if until_step is None else min(total, until_step)
         bar = _progress(total, self.step, progress)
         stopped = None
         try:
-            with open(metrics_path, "a") as log:
-                while self.step < end:
+            with open(self.out / rundir.METRICS, "a") as log:
+                while self.step < end and stopped is None:
+                    step = self.step
+                    ev = self._evaluate_and_check(step) if step % cfg.eval_steps == 0 else {}
                     m = self.train_step()
+                    row = {**(m or {"step": step}), **ev, "flags": (m or {}).get("flags", []) +
+                           ev.get("flags", [])}
+                    if (m is not None and step % cfg.logging_steps == 0) or ev or row["flags"]:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
                     if m is not None:
-                        if (self.step) % cfg.eval_steps == 0 or self.step == total:
-                            m.update(self.evaluate())
-                        if (m["step"] % cfg.logging_steps == 0) or "eval/loss" in m:
-                            log.write(json.dumps(m) + "\n")
-                            log.flush()
                         bar.set_postfix(loss=f"{m['loss']:.4f}", margin=f"{m['rewards/margins']:.2f}",
                                         acc=f"{m['rewards/accuracies']:.2f}")
                     bar.update(1)
-                    if self.step % cfg.save_steps == 0 or self.step == end:
+                    if self.monitor.bad_in_a_row >= cfg.max_bad_steps:
+                        stopped = (f"training stopped at step {step}: {self.monitor.bad_in_a_row} "
+                                   f"NaN/inf losses in a row (max_bad_steps={cfg.max_bad_steps})")
+                        print(stopped)
+                    elif self.step % cfg.save_steps == 0 or self.step == end:
+                        os.fsync(log.fileno())  # the log is never behind the checkpoint
                         self.save()
-        except TrainingStopped as e:
-            stopped = str(e)
-            print(stopped)
+                if self.step == total and stopped is None:
+                    ev = self._evaluate_and_check(self.step)
+                    if ev:
+                        log.write(json.dumps({"step": self.step, **ev}) + "\n")
         finally:
             bar.close()
         return self.finish(stopped)
 
     def finish(self, stopped: str | None) -> dict:
-        rows = [json.loads(ln) for ln in _read_lines(self.out / "metrics.jsonl")]
+        rows = [json.loads(ln) for ln in _read_lines(self.out / rundir.METRICS)]
         evals = [r for r in rows if "eval/rewards/accuracies" in r]
         extra = [f"Training data: {self.train_data.report()}."]
         if self.eval_data is not None:
@@ -414,8 +470,31 @@ class DPOTrainer:
             print(f"[health] step {f.step}: {f.name}: {f.message}")
 
 
-class TrainingStopped(RuntimeError):
-    pass
+def read_run_json(out: Path) -> dict:
+    """The run's identity (run.json): run id, sources, reference, fingerprints, resumes."""
+    path = out / rundir.RUN
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {path} is missing; the run directory is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {path} is unreadable ({e})") from None
+    if not (isinstance(run, dict) and {"run_id", "sources", "reference", "resumes"} <= set(run)):
+        raise ValueError(f"--resume: {path} is not a run description of this trainer")
+    return run
+
+
+def _changes(d: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in d.items())
+
+
+def _sources(run: dict) -> str:
+    return ", ".join(f"--{k} {v}" for k, v in run["sources"].items()) or "sources not recorded"
+
+
+def _as_tuples(x):
+    """random.setstate wants the tuples that the checkpoint's loader may hand back as lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _peak_mem_mib(device: torch.device) -> float:

@@ -1,0 +1,107 @@
+"""Checkpoints: atomic writes, reading one back with a clear error, and the fingerprints that tie a
+checkpoint to its configuration, its data and its reference model.
+
+A checkpoint holds what cannot be rebuilt: the policy weights, the optimizer and scheduler state,
+the step and the position in the data stream, the RNG states, the health monitor and BCO state,
+the precomputed reference log-probs (reference="precomputed"), the config, the run id and the
+fingerprints. It does not hold a frozen reference model: that is rebuilt from its source (a copy of
+the initial policy, or the model the caller passes) and checked against its fingerprint on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import RESUMABLE_CHANGES
+
+CKPT = "checkpoint.pt"
+FORMAT = 2  # bumped when the layout changes; an older checkpoint is refused by name
+KEYS = ("format", "run_id", "step", "position", "model", "optimizer", "scheduler", "monitor", "bco",
+        "rng", "ref_cache", "config", "fingerprints")
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint at `path`; a missing, empty, truncated or foreign file is a ValueError."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    try:
+        # weights_only: tensors, numbers, strings and containers; no arbitrary code from the file.
+        s = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError, by damage
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({path.stat().st_size} bytes; "
+                         f"truncated or corrupted? {detail})") from None
+    if not isinstance(s, dict) or s.get("format") != FORMAT or not set(KEYS) <= set(s):
+        got = s.get("format") if isinstance(s, dict) else type(s).__name__
+        raise ValueError(f"--resume: {path} is not a checkpoint of this trainer (format {got!r}, "
+                         f"expected {FORMAT}); start again with --overwrite")
+    return s
+
+
+def fingerprint(obj) -> str:
+    """Short sha256 of a JSON-able object (sorted keys, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_fingerprint(config: dict) -> str:
+    """Of every field that shapes the trajectory (not the ones a resume may change)."""
+    return fingerprint({k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
+
+
+def data_fingerprint(*splits) -> str:
+    """Of the tokenised pairs of each split: the data, the tokenizer, max_length and truncation."""
+    h = hashlib.sha256()
+    for split in splits:
+        pairs = split.pairs if split is not None else []
+        h.update(f"split {len(pairs)}\n".encode())
+        for pair in pairs:
+            h.update(repr(pair).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Of a model's state: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+    """(allowed, refused): field -> [saved value, current value], split by RESUMABLE_CHANGES."""
+    changed = {k: [saved.get(k), current.get(k)] for k in sorted(set(saved) | set(current))
+               if saved.get(k) != current.get(k)}
+    allowed = {k: v for k, v in changed.items() if k in RESUMABLE_CHANGES}
+    return allowed, {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}
