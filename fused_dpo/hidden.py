@@ -65,7 +65,7 @@ def _scored_rows(labels, mask, ignore_index, shift, R):
     return scored.reshape(-1).nonzero().squeeze(1)
 
 
-def _rows_of(hidden, idx, R, shift):
+def _rows_of(hidden, idx, R):
     """(M, H) rows of hidden scoring the positions idx (None: all B*R), and their flat (B*T) rows."""
     B, T, H = hidden.shape
     flat = hidden.reshape(B * T, H)
@@ -114,7 +114,7 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
                     reduction, impl, compute_dtype, chunk_size):
-    rows = _common.backend(impl, hidden.device)
+    launchers = _common.backend(impl, hidden.device)
     B, T, _H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
@@ -123,7 +123,7 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
     stats = torch.zeros((4, B, R), dtype=acc, device=hidden.device)
     parts = stats.unbind(0)
     idx = _scored_rows(labels, mask, ignore_index, shift, R)
-    h, _src = _rows_of(hidden, idx, R, shift)
+    h, _src = _rows_of(hidden, idx, R)
     h = h.to(compute_dtype)
     M = h.shape[0]
     chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
@@ -132,23 +132,23 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
             v1 = min(V, v0 + chunk)
             logits, _w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
             x = logits[None] if idx is not None else logits.view(B, R, v1 - v0)
-            rows.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
+            launchers.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
                            ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap,
                            row_index=idx, accumulate=v0 > 0)
-    out, counts, bad = rows.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
+    out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
     return out, counts, bad, stats
 
 
 def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                      ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
                      need_h, need_w, need_b):
-    rows = _common.backend(impl, hidden.device)
+    launchers = _common.backend(impl, hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
     parts = stats.unbind(0)
     idx = _scored_rows(labels, mask, ignore_index, shift, R)
-    h, src = _rows_of(hidden, idx, R, shift)
+    h, src = _rows_of(hidden, idx, R)
     h = h.to(compute_dtype)
     M = h.shape[0]
     chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
@@ -161,7 +161,7 @@ def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts
         v1 = min(V, v0 + chunk)
         g, w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
         x = g[None] if idx is not None else g.view(B, R, v1 - v0)
-        rows.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
+        launchers.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
                       inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
                       row_index=idx)
         if need_w:

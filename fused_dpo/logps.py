@@ -28,21 +28,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl):
     """(out, counts, bad, stats): the implementation behind both the op and the Function."""
-    rows = _common.backend(impl, logits.device)
+    launchers = _common.backend(impl, logits.device)
     B, T, V = logits.shape
     R = max(T - shift, 0)
     stats = _alloc_stats(B, R, _acc_dtype(logits.dtype), logits.device)
     parts = stats.unbind(0)
-    rows.row_stats(logits, labels, mask, stats=parts, shift=shift, vocab_start=0,
+    launchers.row_stats(logits, labels, mask, stats=parts, shift=shift, vocab_start=0,
                    ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap)
-    out, counts, bad = rows.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
+    out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
     return out, counts, bad, stats
 
 
 def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl,
               grad):
-    rows = _common.backend(impl, logits.device)
-    rows.row_grad(logits, grad, labels, stats.unbind(0), grad_out, counts, shift=shift,
+    launchers = _common.backend(impl, logits.device)
+    launchers.row_grad(logits, grad, labels, stats.unbind(0), grad_out, counts, shift=shift,
                   vocab_start=0, inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction)
     return grad
 
@@ -131,7 +131,8 @@ def _may_overlap(t: torch.Tensor) -> bool:
     """True when two indices of t can address the same element (an expanded or strided-overlap
     view): writing a gradient into such storage would mix rows."""
     span = 0  # furthest offset reachable through the dimensions seen so far
-    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    dims = sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    for stride, size in dims:
         if stride <= span:
             return True
         span += stride * (size - 1)
