@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 REFERENCE_FREE = ("simpo", "orpo", "sft")
 NEEDS_COUNTS = ("ipo", "simpo", "orpo", "sft")
-BATCH_COUPLED = ("bco_pair",)
 
 
 @dataclass
