@@ -119,8 +119,9 @@ def test_check_help_and_no_profiler_noise(capfd):
 def test_bench_is_found_from_outside_the_checkout(tmp_path):
     if not (Path(__file__).resolve().parents[1] / "bench" / "__main__.py").is_file():
         pytest.skip("not a checkout")
+    # -I: no PYTHONPATH, no current directory on sys.path, as for the `fused-dpo` console script.
     code = "import sys; from fused_dpo.cli import main; sys.exit(main(['bench', '--help']))"
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "usage: python -m bench" in p.stdout

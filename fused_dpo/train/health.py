@@ -178,7 +178,8 @@ class HealthMonitor:
     def state_dict(self) -> dict:
         return {"flags": [asdict(f) for f in self.flags], "bad_steps": self.bad_steps,
                 "bad_in_a_row": self.bad_in_a_row, "start": self.start, "recent": list(self.recent),
-                "losses": list(self.losses), "chosen": list(self.chosen), "eval_start": self.eval_start, "eval_best": self.eval_best}
+                "losses": list(self.losses), "chosen": list(self.chosen),
+                "eval_start": self.eval_start, "eval_best": self.eval_best}
 
     def load_state_dict(self, s: dict) -> None:
         self.flags = [Flag(**f) for f in s["flags"]]

@@ -226,7 +226,8 @@ class DPOTrainer:
                 metrics["kl_estimate"] = (torch.expm1(d) - d).mean()
                 # Mean |margin| over pairs: exactly 0 at policy == reference, and first-order in any
                 # difference (the loss is only second-order in symmetric noise such as dropout).
-                metrics["rewards/margins_abs"] = (cfg.beta * ((logps[:B] - rc) - (logps[B:] - rr))).abs().mean()
+                u = (logps[:B] - rc) - (logps[B:] - rr)
+                metrics["rewards/margins_abs"] = (cfg.beta * u).abs().mean()
         return loss, metrics, margins
 
     def train_step(self) -> dict[str, float] | None:
