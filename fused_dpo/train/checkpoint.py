@@ -105,3 +105,30 @@ def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
                if saved.get(k) != current.get(k)}
     allowed = {k: v for k, v in changed.items() if k in RESUMABLE_CHANGES}
     return allowed, {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}
+
+
+def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_reference: bool) -> dict:
+    """Refuse to resume checkpoint `s` into the run described by run.json (`run`) with this config
+    and these fingerprints, naming what differs. Returns the changes that are allowed."""
+    if s["run_id"] != run["run_id"]:
+        raise ValueError(f"--resume: the checkpoint belongs to another run (run id {s['run_id']}; "
+                         f"run.json says {run['run_id']}): start again with --overwrite")
+    allowed, refused = config_changes(s["config"], config)
+    if refused:
+        raise ValueError(f"--resume: the configuration differs from the checkpoint's in "
+                         f"{describe_changes(refused)}; only {', '.join(RESUMABLE_CHANGES)} may change")
+    saved = s["fingerprints"]
+    sources = ", ".join(f"--{k} {v}" for k, v in run["sources"].items()) or "sources not recorded"
+    if saved["data"] != fingerprints["data"]:
+        raise ValueError(f"--resume: the data differs from the run's (fingerprint {fingerprints['data']}, "
+                         f"checkpoint {saved['data']}; the run used {sources}): resume with the same "
+                         f"data, tokenizer and max_length")
+    if check_reference and saved["reference"] != fingerprints["reference"]:
+        raise ValueError(f"--resume: the reference model differs from the run's (weights fingerprint "
+                         f"{fingerprints['reference']}, checkpoint {saved['reference']}); it is "
+                         f"{run['reference']} ({sources}): build it the same way")
+    return allowed
+
+
+def describe_changes(d: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in d.items())

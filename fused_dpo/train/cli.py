@@ -116,9 +116,7 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
         if args.resume:
             rundir.check_output_dir(out)
             layers.append(read_config_file(out / rundir.CONFIG) if (out / rundir.CONFIG).exists() else {})
-            from .trainer import read_run_json
-
-            sources.update(read_run_json(out)["sources"])
+            sources.update(rundir.read_run_json(out)["sources"])
         layers += [file_cfg, PRESETS[name] if name else {}, flags, {"output_dir": str(out)}]
         if name:
             kept = {k: v for k, v in flags.items() if k in PRESETS[name] and v != PRESETS[name][k]}

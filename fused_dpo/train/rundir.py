@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import CKPT
+from .checkpoint import CKPT, atomic_write_text
 
 METRICS, CONFIG, RUN = "metrics.jsonl", "config.json", "run.json"
 # The checkpoint comes first: `clear` deletes in this order, so a run replaced by --overwrite and
@@ -112,3 +112,21 @@ def read_metrics(path: Path, before_step: int) -> tuple[list[str], str | None]:
         if row["step"] < before_step:
             kept.append(ln + "\n")
     return kept, note
+
+
+def read_run_json(out: Path) -> dict:
+    """The run's identity: run id, sources (model, data), reference, fingerprints, resumes."""
+    path = out / RUN
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {path} is missing; the run directory is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {path} is unreadable ({e})") from None
+    if not (isinstance(run, dict) and {"run_id", "sources", "reference", "resumes"} <= set(run)):
+        raise ValueError(f"--resume: {path} is not a run description of this trainer")
+    return run
+
+
+def write_run_json(out: Path, run: dict) -> None:
+    atomic_write_text(out / RUN, json.dumps(run, indent=2) + "\n")

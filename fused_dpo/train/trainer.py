@@ -33,14 +33,15 @@ from .checkpoint import (
     CKPT,
     FORMAT,
     atomic_write_text,
-    config_changes,
+    check_resumable,
     config_fingerprint,
     data_fingerprint,
+    describe_changes,
     load_checkpoint,
     save_checkpoint,
     weights_fingerprint,
 )
-from .config import RESUMABLE_CHANGES, DPOConfig
+from .config import DPOConfig
 from .data import Tokenized, collate, tokenize
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
@@ -345,9 +346,9 @@ class DPOTrainer:
         self.run_id = uuid.uuid4().hex[:12]
         torch.manual_seed(self.config.seed)  # dropout, if enabled, is the only randomness in a step
         random.seed(self.config.seed)
-        self._write_run_json({"run_id": self.run_id, "sources": self.sources,
-                              "reference": self.ref_source, "fingerprints": self.fingerprints,
-                              "resumes": []})
+        rundir.write_run_json(self.out, {"run_id": self.run_id, "sources": self.sources,
+                                          "reference": self.ref_source,
+                                          "fingerprints": self.fingerprints, "resumes": []})
         atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
         atomic_write_text(self.out / rundir.METRICS, "")
         self._announce(self.monitor.check_config(self.config.effective_batch_size))
@@ -362,24 +363,9 @@ class DPOTrainer:
                              f"checkpoint (save_steps={self.config.save_steps}); there is nothing to "
                              f"resume: start it again with --overwrite")
         s = load_checkpoint(ckpt, self.device)
-        run = read_run_json(self.out)
-        if s["run_id"] != run["run_id"]:
-            raise ValueError(f"--resume: {ckpt} belongs to another run (run id {s['run_id']}; "
-                             f"{run_json} says {run['run_id']}): start again with --overwrite")
-        allowed, refused = config_changes(s["config"], self.config.to_dict())
-        if refused:
-            raise ValueError(f"--resume: the configuration differs from the checkpoint's in "
-                             f"{_changes(refused)}; only {', '.join(RESUMABLE_CHANGES)} may change")
-        saved = s["fingerprints"]
-        if saved["data"] != self.fingerprints["data"]:
-            raise ValueError(f"--resume: the data differs from the run's (fingerprint "
-                             f"{self.fingerprints['data']}, checkpoint {saved['data']}; the run used "
-                             f"{_sources(run)}): resume with the same data, tokenizer and max_length")
-        if self.config.reference == "model" and saved["reference"] != self.fingerprints["reference"]:
-            raise ValueError(f"--resume: the reference model differs from the run's (weights "
-                             f"fingerprint {self.fingerprints['reference']}, checkpoint "
-                             f"{saved['reference']}); it is {run['reference']} ({_sources(run)}): "
-                             f"build it the same way")
+        run = rundir.read_run_json(self.out)
+        allowed = check_resumable(s, run, self.config.to_dict(), self.fingerprints,
+                                  check_reference=self.config.reference == "model")
         kept, note = rundir.read_metrics(self.out / rundir.METRICS, s["step"])
         # Every check passed: the writes start here.
         for p in rundir.temporaries(self.out):
@@ -389,14 +375,11 @@ class DPOTrainer:
         if note:
             print(note)
         if allowed:
-            print(f"--resume at step {s['step']} with {_changes(allowed)}")
+            print(f"--resume at step {s['step']} with {describe_changes(allowed)}")
             run["resumes"].append({"step": s["step"], "changed": allowed})
-            self._write_run_json(run)
+            rundir.write_run_json(self.out, run)
             atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
         self._load(s)
-
-    def _write_run_json(self, run: dict) -> None:
-        atomic_write_text(self.out / rundir.RUN, json.dumps(run, indent=2) + "\n")
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: bool = False, progress: bool = True, until_step: int | None = None,
@@ -469,28 +452,6 @@ class DPOTrainer:
     def _announce(self, flags) -> None:
         for f in flags:
             print(f"[health] step {f.step}: {f.name}: {f.message}")
-
-
-def read_run_json(out: Path) -> dict:
-    """The run's identity (run.json): run id, sources, reference, fingerprints, resumes."""
-    path = out / rundir.RUN
-    try:
-        run = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--resume: {path} is missing; the run directory is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume: {path} is unreadable ({e})") from None
-    if not (isinstance(run, dict) and {"run_id", "sources", "reference", "resumes"} <= set(run)):
-        raise ValueError(f"--resume: {path} is not a run description of this trainer")
-    return run
-
-
-def _changes(d: dict) -> str:
-    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in d.items())
-
-
-def _sources(run: dict) -> str:
-    return ", ".join(f"--{k} {v}" for k, v in run["sources"].items()) or "sources not recorded"
 
 
 def _as_tuples(x):
