@@ -263,6 +263,8 @@ class _HiddenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _gc, _gb):
+        if grad_out is None:  # the log-probs did not reach the loss (only counts were used)
+            return (None,) * 13
         hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,

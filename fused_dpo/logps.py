@@ -118,6 +118,8 @@ class _Logps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _gc, _gb):
+        if grad_out is None:  # the log-probs did not reach the loss (only counts were used)
+            return (None,) * 10
         logits, labels, stats, counts = ctx.saved_tensors
         if ctx.inplace_backward:
             grad = logits
