@@ -8,7 +8,8 @@ import inspect
 
 import torch
 
-from .hidden import get_logps_from_hidden
+from . import _common
+from .hidden import get_logps_from_hidden, grouped_logps_and_grads
 from .losses import check_loss_options, dpo_loss
 
 
@@ -34,6 +35,7 @@ def dpo_loss_from_hidden(
     softcap: float | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
+    grad_in_forward: bool = False,
     **loss_kwargs,
 ):
     """DPO-family loss for a concatenated [chosen; rejected] batch of 2B sequences.
@@ -44,6 +46,11 @@ def dpo_loss_from_hidden(
         input_ids, response_mask: (2B, T).
         ref_logps: (2B,) precomputed reference log-probs, or
         ref_hidden + ref_weight (+ ref_bias): reference hidden states and head, run under no_grad.
+        grad_in_forward: compute the gradients during the forward, one pair at a time (three
+            (M, H, V) matmuls instead of four; see `hidden.grouped_logps_and_grads` for the
+            memory it trades). Needs a loss whose gradient for a pair depends on that pair alone
+            (not bco_pair), reduction "mean", no temperature-dependent reference path change.
+            The returned loss carries the precomputed gradients; eager only.
         **loss_kwargs: passed to `fused_dpo.losses.dpo_loss` (loss_type, beta, ...).
 
     Returns:
@@ -52,20 +59,92 @@ def dpo_loss_from_hidden(
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("pass ref_logps or ref_hidden/ref_weight, not both")
     kw = dict(temperature=temperature, softcap=softcap, impl=impl, chunk_size=chunk_size)
-    logps, counts = get_logps_from_hidden(hidden, weight, input_ids, response_mask, bias=bias,
-                                          return_counts=True, **kw)
     if ref_hidden is not None:
         if ref_weight is None:
             raise ValueError("ref_hidden needs ref_weight")
         with torch.no_grad():
             ref_logps = get_logps_from_hidden(ref_hidden, ref_weight, input_ids, response_mask,
                                               bias=ref_bias, **kw)
-    if ref_logps is not None and ref_logps.shape != logps.shape:
-        raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}; expected {tuple(logps.shape)}")
+    if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):
+        raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}; "
+                         f"expected ({hidden.shape[0]},)")
+    if grad_in_forward:
+        return _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, ref_logps,
+                                          kw, loss_kwargs)
+    logps, counts = get_logps_from_hidden(hidden, weight, input_ids, response_mask, bias=bias,
+                                          return_counts=True, **kw)
     pc, pr = _split(logps, "hidden")
     rc, rr = _split(ref_logps, "ref_logps") if ref_logps is not None else (None, None)
     nc, nr = _split(counts, "counts")
     return dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **loss_kwargs)
+
+
+class _AttachGrads(torch.autograd.Function):
+    """The loss value, with gradients computed during the forward attached to its inputs."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dW, db = ctx.grads
+        ctx.grads = None
+        scale = lambda t: None if t is None else t.mul_(g.to(t.dtype))
+        return None, scale(dh), scale(dW), scale(db), None, None, None
+
+
+def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, ref_logps, kw,
+                               loss_kwargs):
+    o = {k: p.default for k, p in _LOSS_OPTIONS.items()} | loss_kwargs
+    types = [o["loss_type"]] if isinstance(o["loss_type"], str) else list(o["loss_type"])
+    if "bco_pair" in types:
+        raise ValueError("grad_in_forward needs a loss whose gradient for a pair depends on that "
+                         "pair alone; bco_pair couples the batch through its running mean")
+    if o["reduction"] != "mean":
+        raise ValueError(f"grad_in_forward returns a scalar loss: reduction must be 'mean', "
+                         f"got {o['reduction']!r}")
+    _common.check_float("hidden", hidden, 3)
+    n = hidden.shape[0]
+    if n % 2:
+        raise ValueError(f"hidden has batch {n}; expected the concatenated [chosen; rejected] (even)")
+    B = n // 2
+    T = hidden.shape[1]
+    tg = _common.check_targets((n, T), hidden.device, input_ids, response_mask, None, -100, "hidden")
+    # Stand-ins for the pairs not yet computed: finite values (mean log-prob -1 per token). For a
+    # separable loss the gradient w.r.t. pair i does not depend on them.
+    w = response_mask[:, 1:].to(torch.float32) if response_mask is not None else \
+        torch.ones((n, max(T - 1, 0)), device=hidden.device)
+    counts_all = w.sum(-1)
+    stand_in = -counts_all.clamp_min(1.0)
+    rc, rr = _split(ref_logps, "ref_logps") if ref_logps is not None else (None, None)
+
+    def coef_fn(i, logps_g, counts_g):
+        logps = stand_in.to(logps_g.dtype)  # float64 for float64 inputs: an exact coefficient
+        counts = counts_all.to(logps_g.dtype)
+        logps[[i, i + B]] = logps_g
+        counts[[i, i + B]] = counts_g
+        nc, nr = _split(counts, "counts")
+        with torch.enable_grad():  # the pass itself runs under no_grad
+            logps.requires_grad_(True)
+            pc, pr = _split(logps, "hidden")
+            loss, _ = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **loss_kwargs)
+            (grad,) = torch.autograd.grad(loss, logps)
+        return grad[[i, i + B]]
+
+    with torch.no_grad():
+        logps, counts, bad, dh, dW, db = grouped_logps_and_grads(
+            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
+            tg.labels, tg.mask, groups=[[i, i + B] for i in range(B)], coef_fn=coef_fn,
+            temperature=kw["temperature"], softcap=kw["softcap"], impl=kw["impl"],
+            chunk_size=kw["chunk_size"])
+    _common.check_bad_count(bad, tg, weight.shape[0], 1)
+    pc, pr = _split(logps, "hidden")
+    nc, nr = _split(counts, "counts")
+    loss, metrics = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **loss_kwargs)
+    loss = _AttachGrads.apply(loss, hidden, weight, bias, dh, dW, db)
+    return loss, metrics
 
 
 # dpo_loss's keyword options, less the token counts that dpo_loss_from_hidden supplies itself.
@@ -83,10 +162,11 @@ class FusedDPOLoss(torch.nn.Module):
     """
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
-                 impl: str = "auto", chunk_size: int | None = None, **loss_kwargs):
+                 impl: str = "auto", chunk_size: int | None = None, grad_in_forward: bool = False,
+                 **loss_kwargs):
         super().__init__()
         self.options = dict(temperature=temperature, softcap=softcap, impl=impl,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, grad_in_forward=grad_in_forward)
         self.loss_kwargs = loss_kwargs
         # Fail at construction, not at the first batch: an unknown name (a typo such as `losstype`)
         # and a bad value alike.
