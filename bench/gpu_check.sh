@@ -5,7 +5,7 @@
 # call; the op checks (fullgraph torch.compile, CUDA-graph replay, fp32 master weight at
 # 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
 # Cut-CE and TRL's kernels; a short BLOCK_V sweep; one DPO training step with a profile of the
-# fused step (issue 8). Every stage has its own timeout; they add up to 560 s, so the script ends
+# fused step (issue 8). Every stage has its own timeout; they add up to 570 s, so the script ends
 # inside one 10-minute device call whatever happens.
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
@@ -31,20 +31,23 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   fi
 
   stage "CUDA tests"
-  timeout 90 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+  timeout 80 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
   stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
   timeout 40 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
 
   stage "op checks: fullgraph torch.compile, CUDA graph replay, fp32 master weight (8x1024x4096x128256)"
-  timeout 90 python3 -m bench.op_checks 2>&1
+  timeout 80 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
+
+  stage "fused DPO loss from hidden states: 3 vs 4 matmuls, bf16 and fp32 weight (8x1024x4096x128256)"
+  timeout 60 python3 -m bench.op_checks --only matmuls 2>&1
 
   stage "logits path: the issue's three shapes"
-  timeout 110 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
+  timeout 95 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
     --providers fused_triton,trl_kernel,liger_ce,eager,torch.compile --out "$OUT/logits" 2>&1
 
   stage "hidden-state path, bf16 weight"
-  timeout 65 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
+  timeout 55 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
     --providers fused_triton,trl_chunked,cut_ce,eager --out "$OUT/hidden" 2>&1
 
   stage "BLOCK_V sweep: fused_triton at 8x1024x128256 (4096, the default, is in the logits table)"
@@ -54,6 +57,6 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   done
 
   stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16), with a profile of the fused step"
-  timeout 70 python3 -m bench.train_step --profile 2>&1
+  timeout 65 python3 -m bench.train_step --profile 2>&1
   stage "done"
 } 2>&1 | tee "$LOG"

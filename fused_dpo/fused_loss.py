@@ -36,6 +36,7 @@ def dpo_loss_from_hidden(
     impl: str = "auto",
     chunk_size: int | None = None,
     grad_in_forward: bool = False,
+    validate: bool = True,
     **loss_kwargs,
 ):
     """DPO-family loss for a concatenated [chosen; rejected] batch of 2B sequences.
@@ -51,6 +52,7 @@ def dpo_loss_from_hidden(
             memory it trades). Needs a loss whose gradient for a pair depends on that pair alone
             (not bco_pair), reduction "mean", no temperature-dependent reference path change.
             The returned loss carries the precomputed gradients; eager only.
+        validate: as in `get_logps` (False: no host sync for the label check).
         **loss_kwargs: passed to `fused_dpo.losses.dpo_loss` (loss_type, beta, ...).
 
     Returns:
@@ -58,7 +60,8 @@ def dpo_loss_from_hidden(
     """
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("pass ref_logps or ref_hidden/ref_weight, not both")
-    kw = dict(temperature=temperature, softcap=softcap, impl=impl, chunk_size=chunk_size)
+    kw = dict(temperature=temperature, softcap=softcap, impl=impl, chunk_size=chunk_size,
+              validate=validate)
     if ref_hidden is not None:
         if ref_weight is None:
             raise ValueError("ref_hidden needs ref_weight")
@@ -139,7 +142,8 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
             tg.labels, tg.mask, groups=[[i, i + B] for i in range(B)], coef_fn=coef_fn,
             temperature=kw["temperature"], softcap=kw["softcap"], impl=kw["impl"],
             chunk_size=kw["chunk_size"])
-    _common.check_bad_count(bad, tg, weight.shape[0], 1)
+    if kw["validate"]:
+        _common.check_bad_count(bad, tg, weight.shape[0], 1)
     pc, pr = _split(logps, "hidden")
     nc, nr = _split(counts, "counts")
     loss, metrics = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **loss_kwargs)
@@ -163,10 +167,11 @@ class FusedDPOLoss(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, softcap: float | None = None,
                  impl: str = "auto", chunk_size: int | None = None, grad_in_forward: bool = False,
-                 **loss_kwargs):
+                 validate: bool = True, **loss_kwargs):
         super().__init__()
         self.options = dict(temperature=temperature, softcap=softcap, impl=impl,
-                            chunk_size=chunk_size, grad_in_forward=grad_in_forward)
+                            chunk_size=chunk_size, grad_in_forward=grad_in_forward,
+                            validate=validate)
         self.loss_kwargs = loss_kwargs
         # Fail at construction, not at the first batch: an unknown name (a typo such as `losstype`)
         # and a bad value alike.

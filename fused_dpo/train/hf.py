@@ -47,8 +47,9 @@ class LogpsHead:
         if self.fused:
             hidden = self.base(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).last_hidden_state
-            bias = self.head.bias.to(hidden.dtype) if self.head.bias is not None else None
-            return get_logps_from_hidden(hidden, self.head.weight.to(hidden.dtype), batch["input_ids"],
-                                         batch["response_mask"], bias=bias, **kw)
+            # The head's own parameters, whatever their dtype: an fp32 master weight under bf16
+            # hidden states is cast a vocab chunk at a time inside, never copied whole.
+            return get_logps_from_hidden(hidden, self.head.weight, batch["input_ids"],
+                                         batch["response_mask"], bias=self.head.bias, **kw)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return get_logps(logits, batch["input_ids"], batch["response_mask"], **kw)
