@@ -4,9 +4,10 @@
 # `make gpu-wheels` filled it), then: the CUDA tests; issue 9's small-shape table with a sync per
 # call; the op checks (fullgraph torch.compile, CUDA-graph replay, fp32 master weight at
 # 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
-# Cut-CE and TRL's kernels; a short BLOCK_V sweep; one DPO training step with a profile of the
-# fused step (issue 8). Every stage has its own timeout; they add up to 570 s, so the script ends
-# inside one 10-minute device call whatever happens.
+# Cut-CE and TRL's kernels; 3 vs 4 matmuls for the fused DPO loss; a sweep of the pipelined row
+# loops (FUSED_DPO_STAGES); one DPO training step with a profile of the fused step (issue 8).
+# Every stage has its own timeout; they add up to 570 s, so the script ends inside one 10-minute
+# device call whatever happens.
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
 # small/small_shapes.csv, logits/results.csv, logits/logits.png, hidden/results.csv.
@@ -31,7 +32,7 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   fi
 
   stage "CUDA tests"
-  timeout 80 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+  timeout 75 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
   stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
   timeout 40 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
@@ -50,13 +51,13 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   timeout 55 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
     --providers fused_triton,trl_chunked,cut_ce,eager --out "$OUT/hidden" 2>&1
 
-  stage "BLOCK_V sweep: fused_triton at 8x1024x128256 (4096, the default, is in the logits table)"
-  for blk in 2048 8192; do
-    FUSED_DPO_BLOCK_V=$blk timeout 25 python3 -m bench logits --quick --providers fused_triton \
-      --shapes 8x1024x128256 --out "/tmp/sweep_$blk" 2>&1 | grep -E "^logits" | sed "s/^/BLOCK_V=$blk /"
+  stage "pipelined row loops (FUSED_DPO_STAGES 2, 3; 1 = the default, in the logits table): fused_triton"
+  for st in 2 3; do
+    FUSED_DPO_STAGES=$st timeout 30 python3 -m bench logits --quick --providers fused_triton \
+      --shapes 8x1024x128256,8x2048x32000 --out "/tmp/stages_$st" 2>&1 | grep -E "^logits" | sed "s/^/STAGES=$st /"
   done
 
   stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16), with a profile of the fused step"
-  timeout 65 python3 -m bench.train_step --profile 2>&1
+  timeout 60 python3 -m bench.train_step --profile 2>&1
   stage "done"
 } 2>&1 | tee "$LOG"

@@ -61,7 +61,7 @@ def _row_stats_kernel(
     stride_mb, stride_mt,
     HAS_MASK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ROW_INDEX: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if HAS_ROW_INDEX:
@@ -85,7 +85,9 @@ def _row_stats_kernel(
         # Running max m (block-wide) and lane-wise sums s: sum_lane s * exp(m) = sum exp(z).
         m = tl.full([], float("-inf"), ACC)
         s = tl.zeros([BLOCK_V], ACC)
-        for v0 in range(0, V, BLOCK_V):
+        # NUM_STAGES > 1: the next block's load is issued (cp.async into shared memory) while this
+        # one is reduced, so more bytes are in flight per program.
+        for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
@@ -165,7 +167,7 @@ def _row_grad_kernel(
     stride_lb, stride_lt,
     stride_ob, stride_or,
     HAS_SOFTCAP: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, REDUCTION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if HAS_ROW_INDEX:
@@ -199,7 +201,7 @@ def _row_grad_kernel(
         col_y = tl.load(labels_ptr + b * stride_lb + (r + shift) * stride_lt).to(tl.int64) - vocab_start
         m = tl.load(m_ptr + flat).to(ACC)
         logs = tl.load(logs_ptr + flat).to(ACC)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
@@ -225,6 +227,9 @@ _FP64 = {torch.float64: tl.float64}
 # Read once: the environment overrides exist for the GPU sweep (bench/gpu_check.sh), which starts
 # one process per setting; reading os.environ on every call would cost host time.
 _BLOCK_V = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
+# Software pipelining of the row loops (1 = none, as measured in bench/results/2026-11-27-h100);
+# bench/gpu_check.sh sweeps 2 and 3 against it before the default changes.
+_NUM_STAGES = int(os.environ.get("FUSED_DPO_STAGES", "1"))
 _BLOCK_R = 1024
 
 
@@ -285,7 +290,8 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
         x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
         HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
         HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None,
-        ACCUMULATE=accumulate, ACC=_acc(x.dtype), BLOCK_V=block, num_warps=warps,
+        ACCUMULATE=accumulate, ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES,
+        num_warps=warps,
     )
 
 
@@ -333,5 +339,5 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
         counts, R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
         *x.stride(), *grad.stride(), *labels.stride(), *so,
         HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None, REDUCTION=code,
-        ACC=_acc(x.dtype), BLOCK_V=block, num_warps=warps,
+        ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES, num_warps=warps,
     )

@@ -89,6 +89,10 @@ def _cases():
             cases.append((fn, flags, elem, block, cc))
     for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
         cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, 4), cc))
+    # Software-pipelined row loops (FUSED_DPO_STAGES, swept on the GPU): the plain configurations.
+    for fn, flags in ((K._row_stats_kernel, STATS[0]), (K._row_grad_kernel, GRAD[0])):
+        for stages, elem, cc in itertools.product((2, 3), ("bf16", "fp32"), (90, 80)):
+            cases.append((fn, dict(flags, NUM_STAGES=stages), elem, max(BLOCKS), cc))
     return cases
 
 
@@ -98,6 +102,8 @@ CASES = _cases()
 def _id(case):
     fn, flags, elem, (block, warps), cc = case
     on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v is True)
+    if flags.get("NUM_STAGES", 1) > 1:
+        on = "-".join(filter(None, [on, f"stages{flags['NUM_STAGES']}"]))
     if "REDUCTION" in flags:
         on = "-".join(filter(None, [on, ("sum", "mean", "none")[flags["REDUCTION"]]]))
     on = on or "plain"
@@ -112,13 +118,15 @@ def compile_all(tmp):
     for case in CASES:
         fn, flags, elem, (block, warps), cc = case
         acc = tl.float64 if elem == "fp64" else tl.float32
-        size = {"BLOCK_R" if fn is K._seq_reduce_kernel else "BLOCK_V": block}
+        size = {"BLOCK_R": block} if fn is K._seq_reduce_kernel else {"BLOCK_V": block,
+                                                                     "NUM_STAGES": 1}
         try:
-            k = _compile(fn, elem, dict(flags, ACC=acc, **size), cc, warps)
+            k = _compile(fn, elem, dict(dict(size, ACC=acc), **flags), cc, warps)
             regs, spills = _ptxas_report(k.asm["ptx"], cc, Path(tmp))
             ptx = k.asm["ptx"]
             report[_id(case)] = dict(regs=regs, spills=spills, cubin=bool(k.asm.get("cubin")),
-                                     vector="ld.global.v4" in ptx or "ld.global.v2" in ptx)
+                                     vector="ld.global.v4" in ptx or "ld.global.v2" in ptx,
+                                     cp_async="cp.async" in ptx)
         except Exception as e:  # reported per case by the test below
             report[_id(case)] = dict(error=f"{type(e).__name__}: {e}")
     return report
@@ -147,5 +155,8 @@ def test_kernel_compiles_without_spills(case, report):
     assert r["cubin"], "no cubin produced"
     assert r["spills"] == 0, f"{r['spills']} bytes of register spills ({r['regs']} registers)"
     assert r["regs"] <= 255
-    if elem != "fp64" and block >= 1024 and fn is not K._seq_reduce_kernel:
+    if flags.get("NUM_STAGES", 1) > 1:
+        # pipelined: the row loads become asynchronous copies into shared memory
+        assert r["cp_async"], "NUM_STAGES > 1 but the row loop is not pipelined"
+    elif elem != "fp64" and block >= 1024 and fn is not K._seq_reduce_kernel:
         assert r["vector"], "row loads are not vectorised"
