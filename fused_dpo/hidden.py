@@ -21,6 +21,7 @@ torch.compile; eager calls take a plain autograd.Function to the same implementa
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,10 +51,11 @@ def _compute_dtype(hidden: torch.Tensor, head_dtype: torch.dtype | None) -> torc
     return hidden.dtype
 
 
-def _scored_rows(labels, mask, ignore_index, shift, R):
-    """Flat positions b * R + r of the scored rows (one host sync), or None under CUDA graph
-    capture, where every row is computed (weight-0 rows are skipped by the row kernels)."""
-    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+def _scored_rows(labels, mask, ignore_index, shift, R, compact=True):
+    """Flat positions b * R + r of the scored rows (one host sync), or None: every row is computed
+    (weight-0 rows are skipped by the row kernels). None when compact=False, and under CUDA graph
+    capture, where the sync is not allowed."""
+    if not compact or (labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None
     lab = labels[:, shift : shift + R]
     if mask is not None:
@@ -82,38 +84,63 @@ def _chunk_logits(h, weight, bias, v0, v1, cd):
     return torch.addmm(bias[v0:v1].to(cd), h, w.T), w
 
 
-def _mm_f32_supported(a: torch.Tensor) -> bool:
-    # aten::mm.dtype_out (bf16/fp16 GEMM writing fp32) exists on CUDA in recent torch.
+def _has_mm_f32(a: torch.Tensor) -> bool:
+    # aten::mm.dtype / mm.dtype_out (a bf16/fp16 GEMM writing fp32) exist on CUDA from torch 2.8.
     return a.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16) and \
-        "dtype_out" in torch.ops.aten.mm.overloads()
+        "dtype" in torch.ops.aten.mm.overloads()
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b, accumulated in fp32 inside the GEMM, written in out's dtype."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
-    elif out.dtype == torch.float32 and _mm_f32_supported(a):
+    elif out.dtype == torch.float32 and _has_mm_f32(a):
         torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
     elif out.dtype == torch.float32:
         # No fp32-output low-precision GEMM here (the CPU): multiply in fp32 rather than round
-        # each chunk's product to bf16.
+        # the product to bf16.
         torch.mm(a.float(), b.float(), out=out)
     else:
         out.copy_(torch.mm(a, b))
 
 
+_ADD_BLOCK_BYTES = 64 * 2**20
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 (or fp64 with fp64 operands), a and b in the compute dtype."""
+    """acc += a @ b with acc fp32 (or fp64 with fp64 operands), a and b in the compute dtype.
+
+    Low-precision operands: each block of acc's rows gets one fp32-output GEMM and an add, so the
+    temporary stays near 64 MiB whatever acc's size (addmm.dtype_out would write in place, but
+    before torch 2.10 it refuses an fp32 `self` with bf16 matrices)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif _mm_f32_supported(a):
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return
+    step = max(1, _ADD_BLOCK_BYTES // max(1, acc.shape[1] * acc.element_size()))
+    for i in range(0, acc.shape[0], step):
+        ai = a[i : i + step]
+        if _has_mm_f32(a):
+            acc[i : i + step].add_(torch.ops.aten.mm.dtype(ai, b, torch.float32))
+        else:
+            acc[i : i + step].addmm_(ai.to(acc.dtype), b.to(acc.dtype))
 
 
+def _autocast_off(fn):
+    """Run fn with autocast disabled on the first argument's device: compute_dtype already holds
+    the choice (head_dtype, or autocast's dtype read by the public function); left on, autocast
+    would recast head_dtype=float32 matmuls to bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.autocast(args[1].device.type, enabled=False):
+            return fn(*args)
+
+    return wrapper
+
+
+@_autocast_off
 def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
-                    reduction, impl, compute_dtype, chunk_size):
+                    reduction, impl, compute_dtype, chunk_size, compact):
     launchers = _common.backend(impl, hidden.device)
     B, T, _H = hidden.shape
     V = weight.shape[0]
@@ -122,7 +149,7 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
     # Zeros: rows that are never visited (not scored) must read as weight 0.
     stats = torch.zeros((4, B, R), dtype=acc, device=hidden.device)
     parts = stats.unbind(0)
-    idx = _scored_rows(labels, mask, ignore_index, shift, R)
+    idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
     h, _src = _rows_of(hidden, idx, R)
     h = h.to(compute_dtype)
     M = h.shape[0]
@@ -139,24 +166,28 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
     return out, counts, bad, stats
 
 
+@_autocast_off
 def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                      ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
-                     need_h, need_w, need_b):
+                     compact, need_h, need_w, need_b):
     launchers = _common.backend(impl, hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
     parts = stats.unbind(0)
-    idx = _scored_rows(labels, mask, ignore_index, shift, R)
+    idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
     h, src = _rows_of(hidden, idx, R)
+    if idx is None:
+        # Every row is computed: zero the unscored ones, whose hidden states may hold NaN (left
+        # padding); their logits gradient is 0, but 0 * NaN in dW = G.T @ h would not be.
+        h = torch.where((parts[3].reshape(-1) != 0)[:, None], h, 0)
     h = h.to(compute_dtype)
     M = h.shape[0]
     chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
-    dh = torch.zeros((M, H), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype,
-                     device=h.device) if need_h else None
+    acc = _acc_dtype(compute_dtype)
+    dh = torch.zeros((M, H), dtype=acc, device=h.device) if need_h else None
     dW = torch.empty_like(weight) if need_w else None
-    db = torch.empty(V, dtype=dh.dtype if dh is not None else torch.float32,
-                     device=h.device) if need_b else None
+    db = torch.empty(V, dtype=acc, device=h.device) if need_b else None
     for v0 in range(0, V if M else 0, chunk):
         v1 = min(V, v0 + chunk)
         g, w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
@@ -190,15 +221,16 @@ def logps_from_hidden_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     mask: torch.Tensor | None, shift: int, ignore_index: int | None, temperature: float,
     softcap: float | None, reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int,
+    compact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, counts, bad, stats) for `get_logps_from_hidden`; chunk_size 0 = automatic."""
     return _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature,
-                           softcap, reduction, impl, compute_dtype, chunk_size)
+                           softcap, reduction, impl, compute_dtype, chunk_size, compact)
 
 
 @logps_from_hidden_op.register_fake
 def _(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
-      compute_dtype, chunk_size):
+      compute_dtype, chunk_size, compact):
     B, T, _H = hidden.shape
     R = max(T - shift, 0)
     acc = _acc_dtype(compute_dtype)
@@ -212,24 +244,25 @@ def logps_from_hidden_backward_op(
     grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     labels: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor, counts: torch.Tensor,
     shift: int, ignore_index: int | None, temperature: float, softcap: float | None,
-    reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int, need_h: bool,
-    need_w: bool, need_b: bool,
+    reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int, compact: bool,
+    need_h: bool, need_w: bool, need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_hidden, d_weight, d_bias); a gradient that is not needed comes back empty."""
+    """(d_hidden, d_weight, d_bias); a gradient that is not needed comes back empty (each its own
+    tensor: a custom op's outputs may not alias one another)."""
     dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                                   ignore_index, temperature, softcap, reduction, impl,
-                                  compute_dtype, chunk_size, need_h, need_w, need_b)
-    empty = hidden.new_empty((0,))
-    return (dh if dh is not None else empty, dW if dW is not None else empty,
-            db if db is not None else empty)
+                                  compute_dtype, chunk_size, compact, need_h, need_w, need_b)
+    return tuple(g if g is not None else hidden.new_empty((0,)) for g in (dh, dW, db))
 
 
 @logps_from_hidden_backward_op.register_fake
 def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
     *_, need_h, need_w, need_b = args
-    empty = hidden.new_empty((0,))
-    return (torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
-            torch.empty_like(bias) if need_b else empty)
+    empty = lambda: hidden.new_empty((0,))  # noqa: E731
+    # d_hidden is contiguous (B, T, H) whatever hidden's layout, as the real op returns it
+    return (hidden.new_empty(hidden.shape) if need_h else empty(),
+            torch.empty_like(weight) if need_w else empty(),
+            torch.empty_like(bias) if need_b else empty())
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,7 +278,7 @@ def _op_backward(ctx, grad_out, _gc, _gb, _gs):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dh, dW, db = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels, mask, stats,
                                                counts, *ctx.args, need_h, need_w, need_b)
-    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 10
+    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 11
 
 
 logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -264,12 +297,12 @@ class _HiddenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _gc, _gb):
         if grad_out is None:  # the log-probs did not reach the loss (only counts were used)
-            return (None,) * 13
+            return (None,) * 14
         hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
                                       *ctx.args, need_h, need_w, need_b)
-        return (dh, dW, db) + (None,) * 10
+        return (dh, dW, db) + (None,) * 11
 
 
 def get_logps_from_hidden(
@@ -289,6 +322,7 @@ def get_logps_from_hidden(
     head_dtype: torch.dtype | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
+    compact: bool = True,
     validate: bool = True,
 ):
     """`get_logps(hidden @ weight.T + bias, ...)` without ever building the (B, T, V) logits.
@@ -306,6 +340,9 @@ def get_logps_from_hidden(
             "reference" (eager, builds the logits), "auto" = triton on CUDA, else torch.
         chunk_size: vocab columns per chunk; default keeps one (M, chunk) block near 256 MiB,
             with M the number of scored positions.
+        compact: keep only the scored positions (one host sync to find them). False computes
+            every position with no sync; pass False for CUDA graphs, so that the warm-up runs
+            the kernels the capture will replay (under capture compaction is off regardless).
 
     Returns:
         As `get_logps`. Gradients flow to hidden, weight and bias, each in its own dtype (an fp32
@@ -350,7 +387,7 @@ def get_logps_from_hidden(
         )
     s = int(shift)
     args = (s, tg.ignore_index, float(temperature), float(softcap) if softcap is not None else None,
-            reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0)
+            reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0, bool(compact))
     if torch.compiler.is_compiling():
         out, counts, bad, _stats = logps_from_hidden_op(hidden, weight, bias, tg.labels, tg.mask,
                                                         *args)
@@ -380,12 +417,18 @@ def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, groups, coef_
     Returns (logps (B,), counts (B,), bad (B,), d_hidden, d_weight, d_bias or None).
     """
     launchers = _common.backend(impl, hidden.device)
+    cd = _compute_dtype(hidden, head_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
+                             ignore_index, 1.0 / temperature, softcap, cd, chunk_size)
+
+
+def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
+                  ignore_index, inv_temp, softcap, cd, chunk_size):
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
-    cd = _compute_dtype(hidden, head_dtype)
     acc = _acc_dtype(cd)
-    inv_temp = 1.0 / temperature
     logps = torch.zeros(B, dtype=acc, device=hidden.device)
     counts = torch.zeros(B, dtype=acc, device=hidden.device)
     bad = torch.zeros(B, dtype=torch.int32, device=hidden.device)

@@ -187,6 +187,7 @@ def get_logps(
         inplace_backward: write the logits gradient into the logits' own storage (saves one
             B*T*V buffer). The logits are OVERWRITTEN by backward: use only when nothing else
             needs them afterwards. Refused for views whose elements alias (expanded tensors).
+            Inside torch.compile it is ignored: the compiled graph gets a fresh gradient buffer.
         validate: check that label ids at scored positions lie in [0, V). Eager: a ValueError
             naming the first bad position, at the cost of one host sync after the kernels. Inside
             torch.compile or CUDA graph capture: a device-side assert (`torch._assert_async`), no

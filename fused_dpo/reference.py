@@ -31,7 +31,9 @@ def shifted_targets(
     targets = input_ids[:, s:]
     if response_mask is None:
         return targets, torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
-    return targets, response_mask[:, s:].to(torch.float32)
+    # float64 weights stay float64 (float64 truth); every other mask becomes float32
+    wdt = torch.float64 if response_mask.dtype == torch.float64 else torch.float32
+    return targets, response_mask[:, s:].to(wdt)
 
 
 def reduce_token_logps(

@@ -46,12 +46,36 @@ def test_opcheck_logits_ops(impl, reduction, device):
 def test_opcheck_hidden_ops(impl, device):
     h, w, b, ids, mask = _hidden_case(device=device)
     args = (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), ids, mask, 1,
-            None, 1.0, None, "mean", impl, torch.float32, 32)
+            None, 1.0, None, "mean", impl, torch.float32, 32, True)
     torch.library.opcheck(logps_from_hidden_op, args)
     out, counts, _bad, stats = logps_from_hidden_op(*args)
     bwd = (torch.randn(out.shape, device=device), h.detach(), w.detach(), b.detach(), ids, mask,
-           stats, counts, 1, None, 1.0, None, "mean", impl, torch.float32, 32, True, True, True)
+           stats, counts, 1, None, 1.0, None, "mean", impl, torch.float32, 32, True, True, True, True)
     torch.library.opcheck(logps_from_hidden_backward_op, bwd)
+
+
+@pytest.mark.parametrize("need", ["frozen-weight", "weight-only"])
+def test_opcheck_hidden_backward_with_unneeded_gradients(need, device):
+    """Unneeded gradients come back as separate empty tensors (a custom op's outputs may not alias),
+    and d_hidden is contiguous even for a transposed hidden, in the fake as in the real op."""
+    h, w, _b, ids, mask = _hidden_case(device=device)
+    h_t = h.transpose(0, 1).contiguous().transpose(0, 1)  # dense, not contiguous (seq-first)
+    out, counts, _bad, stats = logps_from_hidden_op(h_t, w, None, ids, mask, 1, None, 1.0, None,
+                                                    "sum", "torch", torch.float32, 32, True)
+    need_h, need_w = (True, False) if need == "frozen-weight" else (False, True)
+    bwd = (torch.randn(out.shape, device=device), h_t, w, None, ids, mask, stats, counts, 1, None,
+           1.0, None, "sum", "torch", torch.float32, 32, True, need_h, need_w, False)
+    torch.library.opcheck(logps_from_hidden_backward_op, bwd)
+
+
+def test_compiled_backward_with_a_frozen_head_and_no_bias(device):
+    torch._dynamo.reset()
+    h, w, _b, ids, mask = _hidden_case(device=device)
+    fn = lambda h_: get_logps_from_hidden(h_, w, ids, mask, impl="torch")
+    hc, he = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    torch.compile(fn, backend="aot_eager", fullgraph=True)(hc).sum().backward()
+    fn(he).sum().backward()
+    torch.testing.assert_close(hc.grad, he.grad, rtol=0, atol=0)
 
 
 # ---- torch.compile(fullgraph=True) ----------------------------------------------------------
@@ -182,15 +206,16 @@ def test_dispatch_and_launch_counts_per_call(stub_launches, mask_kind, device):
 # ---- mixed precision on the hidden path -----------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", ["plain", "autocast", "head_fp32"])
+@pytest.mark.parametrize("mode", ["plain", "autocast", "head_fp32", "autocast-head_fp32"])
 def test_fp32_weight_with_bf16_hidden(impl, mode, device):
     h32, w, b, ids, mask = _hidden_case(H=32, V=300, device=device)
     h = h32.to(torch.bfloat16)
-    kw = dict(head_dtype=torch.float32) if mode == "head_fp32" else {}
+    head_fp32 = mode.endswith("head_fp32")
+    kw = dict(head_dtype=torch.float32) if head_fp32 else {}
 
     def run(fn, hid, wt, bs, **extra):
         hid, wt, bs = (t.detach().clone().requires_grad_(True) for t in (hid, wt, bs))
-        if mode == "autocast":
+        if mode.startswith("autocast"):
             with torch.autocast(device, dtype=torch.bfloat16):
                 out = fn(hid, wt, ids, mask, bias=bs, reduction="none", **extra)
         else:
@@ -201,14 +226,14 @@ def test_fp32_weight_with_bf16_hidden(impl, mode, device):
     fused = run(lambda *a, **k: get_logps_from_hidden(*a, impl=impl, chunk_size=128, **k), h, w, b,
                 **kw)
     # eager in the same precision: what an fp32-master-weight model computes without fused_dpo
-    if mode == "head_fp32":
+    if head_fp32:
         eager = run(get_logps_from_hidden_reference, h, w, b, head_dtype=torch.float32)
     else:
         eager = run(get_logps_from_hidden_reference, h, w.to(torch.bfloat16), b.to(torch.bfloat16))
     # Truth: the exact (float64) value and gradients of the model the compute dtype defines,
     # i.e. with the head's operands rounded to it; the gradient w.r.t. that rounded weight is
     # the gradient w.r.t. the fp32 master weight.
-    cd = torch.float32 if mode == "head_fp32" else torch.bfloat16
+    cd = torch.float32 if head_fp32 else torch.bfloat16
     truth = run(get_logps_from_hidden_reference, h.double(), w.to(cd).double(), b.to(cd).double())
     assert fused[2].dtype == torch.float32 and fused[3].dtype == torch.float32  # fp32 master grads
     assert fused[1].dtype == torch.bfloat16
@@ -353,3 +378,30 @@ def test_reference_ignores_nan_prompt_rows(device):
     torch.testing.assert_close(ref, fused, rtol=1e-12, atol=1e-12)
     ref.sum().backward()
     assert (x.grad[0, 1] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_uncompacted_path_ignores_nan_in_unscored_hidden_rows(impl, device):
+    """compact=False (CUDA graphs) computes every row: a NaN hidden state in a prompt row (left
+    padding) must still not reach any gradient, dW included (0 * NaN)."""
+    h, w, b, ids, mask = _hidden_case(device=device)
+    h[0, 1] = float("nan")  # a prompt row
+    grads = []
+    for compact in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+        out = get_logps_from_hidden(*leaves[:2], ids, mask, bias=leaves[2], impl=impl, compact=compact)
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        grads.append([t.grad for t in leaves])
+    for a, e in zip(*grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_bias_gradient_without_hidden_gradient(device):
+    h, w, b, ids, mask = _hidden_case(dtype=torch.float64, device=device)
+    bb = b.clone().requires_grad_(True)
+    get_logps_from_hidden(h, w, ids, mask, bias=bb, impl="torch").sum().backward()
+    br = b.clone().requires_grad_(True)
+    get_logps_reference(h @ w.T + br, ids, mask).sum().backward()
+    torch.testing.assert_close(bb.grad, br.grad, rtol=1e-13, atol=1e-13)
