@@ -131,9 +131,9 @@ def _autocast_off(fn):
     would recast head_dtype=float32 matmuls to bf16."""
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         with torch.autocast(args[1].device.type, enabled=False):
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -163,19 +163,20 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
                            ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap,
                            row_index=idx, accumulate=v0 > 0)
     out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
-    return out, counts, bad, stats
+    return out, counts, bad, stats, idx
 
 
 @_autocast_off
 def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                      ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
-                     compact, need_h, need_w, need_b):
+                     compact, need_h, need_w, need_b, idx=False):
     launchers = _common.backend(impl, hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
     parts = stats.unbind(0)
-    idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
+    if idx is False:  # not handed over by the forward (the compiled op path): find them again
+        idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
     h, src = _rows_of(hidden, idx, R)
     if idx is None:
         # Every row is computed: zero the unscored ones, whose hidden states may hold NaN (left
@@ -225,7 +226,7 @@ def logps_from_hidden_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, counts, bad, stats) for `get_logps_from_hidden`; chunk_size 0 = automatic."""
     return _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature,
-                           softcap, reduction, impl, compute_dtype, chunk_size, compact)
+                           softcap, reduction, impl, compute_dtype, chunk_size, compact)[:4]
 
 
 @logps_from_hidden_op.register_fake
@@ -287,8 +288,9 @@ logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_contex
 class _HiddenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, mask, *args):
-        out, counts, bad, stats = _hidden_forward(hidden, weight, bias, labels, mask, *args)
+        out, counts, bad, stats, idx = _hidden_forward(hidden, weight, bias, labels, mask, *args)
         ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
+        ctx.idx = idx  # the scored rows: the backward needs no second host sync to find them
         ctx.args = args
         ctx.mark_non_differentiable(counts, bad)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
@@ -301,7 +303,8 @@ class _HiddenLogps(torch.autograd.Function):
         hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
-                                      *ctx.args, need_h, need_w, need_b)
+                                      *ctx.args, need_h, need_w, need_b, idx=ctx.idx)
+        ctx.idx = None
         return (dh, dW, db) + (None,) * 11
 
 
