@@ -4,10 +4,10 @@
 # `make gpu-wheels` filled it), then: the CUDA tests; issue 9's small-shape table with a sync per
 # call; the op checks (fullgraph torch.compile, CUDA-graph replay, fp32 master weight at
 # 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
-# Cut-CE and TRL's kernels; 3 vs 4 matmuls for the fused DPO loss; a sweep of the pipelined row
-# loops (FUSED_DPO_STAGES); one DPO training step with a profile of the fused step (issue 8).
-# Every stage has its own timeout; they add up to 570 s, so the script ends inside one 10-minute
-# device call whatever happens.
+# Cut-CE and TRL's kernels; 3 vs 4 matmuls for the fused DPO loss; a sweep of the forward
+# variants (pipelined row loops, several rows per program); one DPO training step with a profile
+# of the fused step (issue 8). Every stage has its own timeout; they add up to 560 s, so the
+# script ends inside one 10-minute device call whatever happens.
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
 # small/small_shapes.csv, logits/results.csv, logits/logits.png, hidden/results.csv.
@@ -35,27 +35,30 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   timeout 75 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
   stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
-  timeout 40 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
+  timeout 35 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
 
   stage "op checks: fullgraph torch.compile, CUDA graph replay, fp32 master weight (8x1024x4096x128256)"
-  timeout 80 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
+  timeout 75 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
 
   stage "fused DPO loss from hidden states: 3 vs 4 matmuls, bf16 and fp32 weight (8x1024x4096x128256)"
   timeout 60 python3 -m bench.op_checks --only matmuls 2>&1
 
   stage "logits path: the issue's three shapes"
-  timeout 95 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
+  timeout 85 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
     --providers fused_triton,trl_kernel,liger_ce,eager,torch.compile --out "$OUT/logits" 2>&1
 
   stage "hidden-state path, bf16 weight"
-  timeout 55 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
+  timeout 50 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
     --providers fused_triton,trl_chunked,cut_ce,eager --out "$OUT/hidden" 2>&1
 
-  stage "pipelined row loops (FUSED_DPO_STAGES 2, 3; 1 = the default, in the logits table): fused_triton"
-  for st in 2 3; do
-    FUSED_DPO_STAGES=$st timeout 30 python3 -m bench logits --quick --providers fused_triton \
-      --shapes 8x1024x128256,8x2048x32000 --out "/tmp/stages_$st" 2>&1 | grep -E "^logits" | sed "s/^/STAGES=$st /"
-  done
+  stage "forward variants, fused_triton (defaults, in the logits table: FUSED_DPO_STAGES=1, FUSED_DPO_ROWS=1)"
+  sweep() {  # sweep NAME=VALUE SHAPES
+    env "$1" timeout 25 python3 -m bench logits --quick --providers fused_triton --shapes "$2" \
+      --out "/tmp/sweep_$1" 2>&1 | grep -E "^logits" | sed "s/^/$1 /"
+  }
+  sweep FUSED_DPO_STAGES=2 8x1024x128256,8x2048x32000
+  sweep FUSED_DPO_ROWS=2 8x2048x32000
+  sweep FUSED_DPO_ROWS=4 8x2048x32000
 
   stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16), with a profile of the fused step"
   timeout 60 python3 -m bench.train_step --profile 2>&1

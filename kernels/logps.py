@@ -124,6 +124,57 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _row_stats_rows_kernel(
+    x_ptr, labels_ptr, mask_ptr, zy_ptr, m_ptr, logs_ptr, w_ptr,
+    N, R, V, shift, ignore_index, inv_temp, softcap,
+    stride_xb, stride_xr, stride_xv,
+    stride_lb, stride_lt,
+    stride_mb, stride_mt,
+    HAS_MASK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """_row_stats_kernel for ROWS rows per program, as one [ROWS, BLOCK_V] tile per step (the
+    logits path only: no row index, no accumulation). For short rows (V <= 32768: a handful of
+    blocks each), where a program's fixed cost (label and weight loads before the loop, the
+    label gather after it) is spread over few bytes. Rows of weight 0 are masked out of the
+    loads, so they cost no memory traffic."""
+    flat = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    valid = flat < N
+    b = flat // R
+    t = flat % R + shift
+    label = tl.load(labels_ptr + b * stride_lb + t * stride_lt, mask=valid, other=0).to(tl.int64)
+    if HAS_MASK:
+        w = tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=valid, other=0).to(ACC)
+    else:
+        w = tl.full([ROWS], 1.0, ACC)
+    w = tl.where(valid, w, 0.0)
+    if HAS_IGNORE:
+        w = tl.where(label == ignore_index, 0.0, w)
+    live = w != 0.0
+    x_rows = x_ptr + b * stride_xb + (flat % R) * stride_xr
+    m = tl.full([ROWS], float("-inf"), ACC)
+    s = tl.zeros([ROWS, BLOCK_V], ACC)
+    for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        inside = cols < V
+        x = tl.load(x_rows[:, None] + cols[None, :] * stride_xv,
+                    mask=live[:, None] & inside[None, :], other=0.0).to(ACC)
+        z = tl.where(inside[None, :], _transform(x, inv_temp, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref)[:, None] + tl.exp(z - m_ref[:, None])
+        m = m_new
+    logs = tl.log(tl.sum(s, 1))
+    in_range = (label >= 0) & (label < V)
+    xy = tl.load(x_rows + label * stride_xv, mask=live & in_range, other=float("nan")).to(ACC)
+    zy = _transform(xy, inv_temp, softcap, HAS_SOFTCAP)
+    tl.store(zy_ptr + flat, tl.where(live, zy, 0.0), mask=valid)
+    tl.store(m_ptr + flat, tl.where(live, m, 0.0), mask=valid)
+    tl.store(logs_ptr + flat, tl.where(live, logs, 0.0), mask=valid)
+    tl.store(w_ptr + flat, w, mask=valid)
+
+
+@triton.jit
 def _seq_reduce_kernel(
     zy_ptr, m_ptr, logs_ptr, w_ptr, labels_ptr, out_ptr, counts_ptr, bad_ptr,
     R, V, shift, stride_lb, stride_lt,
@@ -230,6 +281,10 @@ _BLOCK_V = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
 # Software pipelining of the row loops (1 = none, as measured in bench/results/2026-11-27-h100);
 # bench/gpu_check.sh sweeps 2 and 3 against it before the default changes.
 _NUM_STAGES = int(os.environ.get("FUSED_DPO_STAGES", "1"))
+# Rows per program in the logits forward for V <= 32768 (1 = one row, as measured); swept likewise.
+_ROWS = int(os.environ.get("FUSED_DPO_ROWS", "1"))
+_ROWS_MAX_V = 32768
+ROWS_WARPS = 16
 _BLOCK_R = 1024
 
 
@@ -282,6 +337,20 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # zero-copy; the kernel loads bytes
     mask_arg = mask if mask is not None else labels  # placeholder pointer, never read
+    if _ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate:
+        rows_per = _ROWS
+        _row_stats_rows_kernel[(triton.cdiv(n, rows_per),)](
+            x, labels, mask_arg, zy, m, logs, w,
+            n, R, V, shift, ignore_index if ignore_index is not None else 0, inv_temp,
+            softcap if softcap is not None else 1.0,
+            x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
+            HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
+            HAS_SOFTCAP=softcap is not None, ACC=_acc(x.dtype), ROWS=rows_per,
+            # 16 warps: the same 4096-element tile at 8 per thread (ptxas: 51-57 registers, no
+            # spills; at 8 warps the per-row vectors push it over the 64-register cap).
+            BLOCK_V=max(16, block // rows_per), NUM_STAGES=_NUM_STAGES, num_warps=ROWS_WARPS,
+        )
+        return
     idx_arg = row_index if row_index is not None else labels  # likewise
     _row_stats_kernel[(n,)](
         x, labels, mask_arg, idx_arg, zy, m, logs, w,

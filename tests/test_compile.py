@@ -89,6 +89,13 @@ def _cases():
             cases.append((fn, flags, elem, block, cc))
     for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
         cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, 4), cc))
+    # Several rows per program (FUSED_DPO_ROWS, the logits forward for V <= 32768).
+    for flags, rows, elem, cc in itertools.product(
+            [dict(w, HAS_SOFTCAP=c) for w, c in itertools.product(WEIGHTS, [False, True])],
+            (2, 4), ("bf16", "fp32"), (90, 80)):
+        block, _ = max(BLOCKS)
+        cases.append((K._row_stats_rows_kernel, dict(flags, ROWS=rows), elem,
+                      (block // rows, K.ROWS_WARPS), cc))
     # Software-pipelined row loops (FUSED_DPO_STAGES, swept on the GPU): the plain configurations.
     for fn, flags in ((K._row_stats_kernel, STATS[0]), (K._row_grad_kernel, GRAD[0])):
         for stages, elem, cc in itertools.product((2, 3), ("bf16", "fp32"), (90, 80)):
@@ -104,6 +111,8 @@ def _id(case):
     on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v is True)
     if flags.get("NUM_STAGES", 1) > 1:
         on = "-".join(filter(None, [on, f"stages{flags['NUM_STAGES']}"]))
+    if "ROWS" in flags:
+        on = "-".join(filter(None, [on, f"rows{flags['ROWS']}"]))
     if "REDUCTION" in flags:
         on = "-".join(filter(None, [on, ("sum", "mean", "none")[flags["REDUCTION"]]]))
     on = on or "plain"

@@ -229,12 +229,14 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         _common.backend("triton", torch.device("cpu"))
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Several vocabulary blocks per row (BLOCK_V 128), as realistic vocabularies have on a GPU."""
+@pytest.fixture(params=[1, 2, 4], ids=lambda r: f"rows{r}")
+def small_blocks(monkeypatch, request):
+    """Several vocabulary blocks per row (BLOCK_V 128), as realistic vocabularies have on a GPU;
+    one row per program, or several (FUSED_DPO_ROWS: the [rows, block] tile kernel)."""
     from fused_dpo.kernels import logps as K
 
     monkeypatch.setattr(K, "_BLOCK_V", 128)
+    monkeypatch.setattr(K, "_ROWS", request.param)
     K.launch_config.cache_clear()
     yield
     K.launch_config.cache_clear()
@@ -244,9 +246,11 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
 def test_online_lse_across_blocks(small_blocks, softcap, dtype, device):
     """The online max / sum across vocabulary blocks, including rows whose leading blocks are all
-    -inf and rows that are -inf everywhere."""
-    logits, ids, mask = make_inputs(3, 9, 300, dtype, device)
+    -inf and rows that are -inf everywhere; with a prompt (unread rows) and an odd row count, so a
+    multi-row program holds live, dead and out-of-range rows at once."""
+    logits, ids, mask = make_inputs(3, 10, 300, dtype, device)
     mask[:] = True
+    mask[2, :4] = False
     logits[0, 2, :200] = float("-inf")  # first block(s) all -inf
     logits[1, 3, :] = float("-inf")  # a whole row of -inf
     ids[0, 3] = 250
@@ -256,3 +260,7 @@ def test_online_lse_across_blocks(small_blocks, softcap, dtype, device):
     assert torch.isfinite(out[0, 2])
     # an all -inf row is NaN, like eager; with a cap it becomes -c everywhere, hence finite
     assert torch.isnan(out[1, 3]) == (softcap is None)
+    assert (out[2, :3] == 0).all()  # prompt rows: 0, unread
+    labels = torch.where(mask, ids, -100)
+    by_labels = get_logps(logits, labels=labels, impl="triton", softcap=softcap, reduction="none")
+    torch.testing.assert_close(by_labels, out, rtol=0, atol=0, equal_nan=True)
