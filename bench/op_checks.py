@@ -167,6 +167,16 @@ def check_graph(small: bool) -> None:
     report("get_logps_from_hidden: weight grad after replay", rel(gw_g, gw_e), 1e-2)
 
 
+def _time_and_extra(step):
+    """(median, p20, p80) ms of step, and its peak memory in GiB above what was allocated before it
+    (the previous step's gradients included, as in training)."""
+    base = bm._reset_peak()
+    step()
+    bm._sync()
+    extra = (bm._peak() - base) / 2**30
+    return bm._do_bench(step), extra
+
+
 def _float64_truth(h, w, ids, mask):
     """Sums and (d hidden, d weight) of their total in float64, one sequence at a time."""
     from fused_dpo.reference import get_logps_from_hidden_reference
@@ -215,11 +225,7 @@ def check_fp32_weight(small: bool) -> None:
             out = step()  # warm-up; leaves this step's gradients allocated, as in training
             e_sum, e_dh, e_dw = rel(out, truth), rel(hh.grad, dh64), rel(ww.grad, dw64)
             dtypes = f"grads {str(hh.grad.dtype)[6:]}/{str(ww.grad.dtype)[6:]}"
-            base = bm._reset_peak()
-            step()
-            bm._sync()
-            extra = (bm._peak() - base) / 2**30
-            ms = bm._do_bench(step)
+            ms, extra = _time_and_extra(step)
             print(f"  {name:<17} fwd+bwd {ms[0]:8.2f} ms [{ms[1]:.2f}-{ms[2]:.2f}]  extra {extra:6.2f} GiB  "
                   f"rel err vs float64: sums {e_sum:.2e}, d hidden {e_dh:.2e}, d weight {e_dw:.2e}  "
                   f"({dtypes})", flush=True)
@@ -289,11 +295,7 @@ def check_matmuls(small: bool) -> None:
 
                 loss = step()
                 errs = rel(loss, truth), rel(hh.grad, dh64), rel(ww.grad, dw64)
-                base = bm._reset_peak()
-                step()
-                bm._sync()
-                extra = (bm._peak() - base) / 2**30
-                ms = bm._do_bench(step)
+                ms, extra = _time_and_extra(step)
                 print(f"  {str(wdt)[6:]:<8} weight, {name}: fwd+bwd {ms[0]:8.2f} ms "
                       f"[{ms[1]:.2f}-{ms[2]:.2f}]  extra {extra:6.2f} GiB  rel err vs float64: loss "
                       f"{errs[0]:.2e}, d hidden {errs[1]:.2e}, d weight {errs[2]:.2e}", flush=True)

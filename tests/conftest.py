@@ -37,6 +37,16 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model training runs: a second intra-op thread only adds overhead (4x
+    slower when the cores are busy), so they run on one, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these)")
     for item in items:

@@ -23,14 +23,8 @@ ROWS = synthetic_sorting(80, seed=0)
 TOK = train_tokenizer(r[k] for r in ROWS for k in ("prompt", "chosen", "rejected"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds overhead (4x slower when the
-    cores are busy), so these tests run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The models here are tiny: one intra-op thread (conftest's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(out, rows=ROWS[:64], model_seed=0, **cfg):

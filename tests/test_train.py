@@ -19,14 +19,8 @@ TOK = train_tokenizer(r[k] for r in ROWS for k in ("prompt", "chosen", "rejected
 VOLATILE = {"tokens_per_s", "peak_mem_MiB"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds overhead (4x slower when the
-    cores are busy), so these tests run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The models here are tiny: one intra-op thread (conftest's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(tmp_path, rows=ROWS[:200], eval_rows=ROWS[200:], model=None, **cfg):

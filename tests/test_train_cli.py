@@ -8,21 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fused_dpo.cli import main as top
 from fused_dpo.train.cli import build_parser
 from fused_dpo.train.cli import main as train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds overhead (4x slower when the
-    cores are busy), so these tests run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The models here are tiny: one intra-op thread (conftest's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_error_line(capsys, *text):
