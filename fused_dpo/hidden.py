@@ -160,8 +160,8 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
             logits, _w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
             x = logits[None] if idx is not None else logits.view(B, R, v1 - v0)
             launchers.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
-                           ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap,
-                           row_index=idx, accumulate=v0 > 0)
+                                ignore_index=ignore_index, inv_temp=1.0 / temperature,
+                                softcap=softcap, row_index=idx, accumulate=v0 > 0)
     out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
     return out, counts, bad, stats, idx
 
@@ -194,8 +194,8 @@ def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts
         g, w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
         x = g[None] if idx is not None else g.view(B, R, v1 - v0)
         launchers.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
-                      inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
-                      row_index=idx)
+                           inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
+                           row_index=idx)
         if need_w:
             _mm_into(dW[v0:v1], g.T, h)
         if need_h:

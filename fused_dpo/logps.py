@@ -34,7 +34,7 @@ def _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, re
     stats = _alloc_stats(B, R, _acc_dtype(logits.dtype), logits.device)
     parts = stats.unbind(0)
     launchers.row_stats(logits, labels, mask, stats=parts, shift=shift, vocab_start=0,
-                   ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap)
+                        ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap)
     out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
     return out, counts, bad, stats
 
@@ -43,7 +43,8 @@ def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softc
               grad):
     launchers = _common.backend(impl, logits.device)
     launchers.row_grad(logits, grad, labels, stats.unbind(0), grad_out, counts, shift=shift,
-                  vocab_start=0, inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction)
+                       vocab_start=0, inv_temp=1.0 / temperature, softcap=softcap,
+                       reduction=reduction)
     return grad
 
 
