@@ -83,19 +83,28 @@ def dpo_loss_from_hidden(
 
 
 class _AttachGrads(torch.autograd.Function):
-    """The loss value, with gradients computed during the forward attached to its inputs."""
+    """The loss value, with gradients computed during the forward attached to its inputs.
+
+    The gradients arrive in fp32 (the accumulation dtype): the backward scales them by the
+    upstream gradient (gradient accumulation, loss scaling) in fp32 and rounds once to each
+    input's dtype. One backward only: the buffers are consumed."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
         ctx.grads = (d_hidden, d_weight, d_bias)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (hidden, weight, bias))
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, g):
-        dh, dW, db = ctx.grads
-        ctx.grads = None
-        scale = lambda t: None if t is None else t.mul_(g.to(t.dtype))
-        return None, scale(dh), scale(dW), scale(db), None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("dpo_loss_from_hidden(grad_in_forward=True) supports one backward "
+                               "per forward (its gradients were formed in the forward and are "
+                               "consumed); use grad_in_forward=False for retain_graph")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if t is None else t.mul_(g.to(t.dtype)).to(dt)
+               for t, dt in zip(grads, ctx.dtypes, strict=True)]
+        return (None, *out, None, None, None)
 
 
 def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, ref_logps, kw,
@@ -124,8 +133,9 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
     rc, rr = _split(ref_logps, "ref_logps") if ref_logps is not None else (None, None)
 
     def coef_fn(i, logps_g, counts_g):
-        logps = stand_in.to(logps_g.dtype)  # float64 for float64 inputs: an exact coefficient
-        counts = counts_all.to(logps_g.dtype)
+        # copies (float64 for float64 inputs: an exact coefficient); the stand-ins stay untouched
+        logps = stand_in.to(logps_g.dtype, copy=True)
+        counts = counts_all.to(logps_g.dtype, copy=True)
         logps[[i, i + B]] = logps_g
         counts[[i, i + B]] = counts_g
         nc, nr = _split(counts, "counts")
@@ -136,12 +146,14 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
             (grad,) = torch.autograd.grad(loss, logps)
         return grad[[i, i + B]]
 
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     with torch.no_grad():
         logps, counts, bad, dh, dW, db = grouped_logps_and_grads(
             hidden.detach(), weight.detach(), bias.detach() if bias is not None else None,
             tg.labels, tg.mask, groups=[[i, i + B] for i in range(B)], coef_fn=coef_fn,
             temperature=kw["temperature"], softcap=kw["softcap"], impl=kw["impl"],
-            chunk_size=kw["chunk_size"])
+            chunk_size=kw["chunk_size"], need_h=needs[0], need_w=needs[1], need_b=needs[2])
     if kw["validate"]:
         _common.check_bad_count(bad, tg, weight.shape[0], 1)
     pc, pr = _split(logps, "hidden")

@@ -105,16 +105,22 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 _ADD_BLOCK_BYTES = 64 * 2**20
+# From torch 2.10 addmm.dtype_out accepts an fp32 `self` with bf16/fp16 matrices: accumulate in
+# place, one GEMM, no temporary.
+_ADDMM_F32_INPLACE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10)
 
 
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc fp32 (or fp64 with fp64 operands), a and b in the compute dtype.
 
-    Low-precision operands: each block of acc's rows gets one fp32-output GEMM and an add, so the
-    temporary stays near 64 MiB whatever acc's size (addmm.dtype_out would write in place, but
-    before torch 2.10 it refuses an fp32 `self` with bf16 matrices)."""
+    Low-precision operands on CUDA: one in-place fp32-output GEMM from torch 2.10; before that
+    (addmm.dtype_out refuses an fp32 `self` with bf16 matrices there) each 64 MiB block of acc's
+    rows gets one fp32-output GEMM and an add, so the temporary stays bounded."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
+        return
+    if _ADDMM_F32_INPLACE and _has_mm_f32(a):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
         return
     step = max(1, _ADD_BLOCK_BYTES // max(1, acc.shape[1] * acc.element_size()))
     for i in range(0, acc.shape[0], step):
@@ -405,7 +411,8 @@ def get_logps_from_hidden(
 
 def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, groups, coef_fn, shift=1,
                             ignore_index=None, temperature=1.0, softcap=None, impl="auto",
-                            head_dtype=None, chunk_size=None):
+                            head_dtype=None, chunk_size=None, need_h=True, need_w=True,
+                            need_b=True):
     """Per-sequence log-probs and the gradients of a loss whose derivative w.r.t. each group's
     log-probs is known once that group's rows are done (a DPO pair: its chosen and rejected).
 
@@ -413,50 +420,57 @@ def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, groups, coef_
     whole head once and kept: statistics, the group's summed log-probs, then
     `coef_fn(g, logps_g, counts_g)` -> dloss/dlogps_g, the logits turned into their gradient in
     place, and dW += G.T @ h, dh = G @ W. Three (M, H, V) matmuls instead of four, at the cost of
-    one group's (M_g, V) logits kept whole and, for a bf16/fp16 weight, an fp32 (V, H) accumulator
-    for dW (4 V H bytes: 2.1 GB at 128256 x 4096); an fp32 weight accumulates into its own
-    gradient. Eager only: the host loop and `coef_fn` are Python.
+    one group's (M_g, V) logits kept whole and an fp32 (V, H) accumulator for dW (4 V H bytes:
+    2.1 GB at 128256 x 4096). For an fp32 weight that accumulator is the gradient autograd
+    receives (no copy when .grad is empty); for bf16/fp16 it is extra, and rounded once at the end.
+    need_h / need_w / need_b skip the gradients nobody needs (a frozen head: no dW matmul).
+    Eager only: the host loop and `coef_fn` are Python.
 
-    Returns (logps (B,), counts (B,), bad (B,), d_hidden, d_weight, d_bias or None).
+    Returns (logps (B,), counts (B,), bad (B,), d_hidden, d_weight, d_bias), the gradients in the
+    accumulation dtype (fp32; fp64 for fp64 inputs), None where not needed.
     """
     launchers = _common.backend(impl, hidden.device)
     cd = _compute_dtype(hidden, head_dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         return _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
-                             ignore_index, 1.0 / temperature, softcap, cd, chunk_size)
+                             ignore_index, 1.0 / temperature, softcap, cd, chunk_size, need_h,
+                             need_w, need_b and bias is not None)
 
 
 def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
-                  ignore_index, inv_temp, softcap, cd, chunk_size):
+                  ignore_index, inv_temp, softcap, cd, chunk_size, need_h, need_w, need_b):
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
     acc = _acc_dtype(cd)
-    logps = torch.zeros(B, dtype=acc, device=hidden.device)
-    counts = torch.zeros(B, dtype=acc, device=hidden.device)
-    bad = torch.zeros(B, dtype=torch.int32, device=hidden.device)
-    d_hidden = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device)
-    dW = torch.zeros(weight.shape, dtype=acc if weight.dtype != torch.float64 else weight.dtype,
-                     device=weight.device)
-    db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    dev = hidden.device
+    logps = torch.zeros(B, dtype=acc, device=dev)
+    counts = torch.zeros(B, dtype=acc, device=dev)
+    bad = torch.zeros(B, dtype=torch.int32, device=dev)
+    # Gradients stay in the accumulation dtype until the loss's backward scales them (one rounding).
+    d_hidden = torch.zeros((B * T, H), dtype=acc, device=dev) if need_h else None
+    dW = torch.zeros(weight.shape, dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(V, dtype=acc, device=dev) if need_b else None
     cast_cols = V if weight.dtype == cd else max(256, (256 * 2**20) // max(1, H * 2) // 256 * 256)
     if chunk_size:
-        cast_cols = chunk_size
+        cast_cols = min(V, chunk_size)
     for g, seqs in enumerate(groups):
-        sel = torch.as_tensor(seqs, device=hidden.device)
+        sel = torch.as_tensor(seqs, device=dev)
         lab = labels.index_select(0, sel)
         msk = mask.index_select(0, sel) if mask is not None else None
-        stats = torch.zeros((4, len(seqs), R), dtype=acc, device=hidden.device)
+        stats = torch.zeros((4, len(seqs), R), dtype=acc, device=dev)
         parts = stats.unbind(0)
         idx = _scored_rows(lab, msk, ignore_index, shift, R)
-        h_g = hidden.index_select(0, sel)
-        h, src = _rows_of(h_g, idx, R)
+        h, src = _rows_of(hidden.index_select(0, sel), idx, R)
         h = h.to(cd)
         M = h.shape[0]
-        logits = torch.empty((M, V), dtype=cd, device=hidden.device)
-        for v0 in range(0, V, cast_cols):
-            v1 = min(V, v0 + cast_cols)
-            logits[:, v0:v1], _w = _chunk_logits(h, weight, bias, v0, v1, cd)  # matmul 1
+        if cast_cols >= V:  # one chunk: the matmul's own output, no copy
+            logits = _chunk_logits(h, weight, bias, 0, V, cd)[0]  # matmul 1
+        else:
+            logits = torch.empty((M, V), dtype=cd, device=dev)
+            for v0 in range(0, V, cast_cols):
+                v1 = min(V, v0 + cast_cols)
+                logits[:, v0:v1] = _chunk_logits(h, weight, bias, v0, v1, cd)[0]  # matmul 1
         x = logits[None] if idx is not None else logits.view(len(seqs), R, V)
         if M:
             launchers.row_stats(x, lab, msk, stats=parts, shift=shift, vocab_start=0,
@@ -469,14 +483,16 @@ def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn
             continue
         launchers.row_grad(x, x, lab, parts, coef, counts_g, shift=shift, vocab_start=0,
                            inv_temp=inv_temp, softcap=softcap, reduction="sum", row_index=idx)
-        _addmm_f32_(dW, logits.T, h)  # matmul 2
-        dh = torch.zeros((M, H), dtype=acc, device=hidden.device)
-        for v0 in range(0, V, cast_cols):
-            v1 = min(V, v0 + cast_cols)
-            _addmm_f32_(dh, logits[:, v0:v1], weight[v0:v1].to(cd))  # matmul 3
-        if db is not None:
+        if need_w:
+            _addmm_f32_(dW, logits.T, h)  # matmul 2
+        if need_h:
+            dh = torch.zeros((M, H), dtype=acc, device=dev)
+            for v0 in range(0, V, cast_cols):
+                v1 = min(V, v0 + cast_cols)
+                _addmm_f32_(dh, logits[:, v0:v1], weight[v0:v1].to(cd))  # matmul 3
+            # row src of the group's (n, T) block is row sel[src // T] * T + src % T of hidden
+            d_hidden.index_copy_(0, sel[src // T] * T + src % T, dh)
+        if need_b:
             db += logits.sum(0, dtype=acc)
-        # row src of the group's (n, T) block is row sel[src // T] * T + src % T of hidden
-        d_hidden.index_copy_(0, sel[src // T] * T + src % T, dh.to(hidden.dtype))
-    return (logps, counts, bad, d_hidden.view(B, T, H), dW.to(weight.dtype),
-            db.to(bias.dtype) if db is not None else None)
+        del logits, x
+    return (logps, counts, bad, d_hidden.view(B, T, H) if need_h else None, dW, db)

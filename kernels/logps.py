@@ -283,6 +283,8 @@ _BLOCK_V = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
 _NUM_STAGES = int(os.environ.get("FUSED_DPO_STAGES", "1"))
 # Rows per program in the logits forward for V <= 32768 (1 = one row, as measured); swept likewise.
 _ROWS = int(os.environ.get("FUSED_DPO_ROWS", "1"))
+if _ROWS < 1 or _ROWS & (_ROWS - 1):
+    raise ValueError(f"FUSED_DPO_ROWS must be a power of two (1, 2, 4, ...), got {_ROWS}")
 _ROWS_MAX_V = 32768
 ROWS_WARPS = 16
 _BLOCK_R = 1024

@@ -243,3 +243,28 @@ def test_grad_in_forward_refuses_coupled_losses():
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), reduction="none",
                              grad_in_forward=True)
+
+
+def test_grad_in_forward_scaling_frozen_head_and_single_backward(device):
+    """A scaled loss (gradient accumulation) scales the gradients without rounding the scale to
+    the parameter dtype; a frozen head gets no gradient work; a second backward is refused."""
+    g = torch.Generator().manual_seed(7)
+    n, T, H, V = 4, 9, 16, 50
+    h = torch.randn(n, T, H, generator=g, dtype=torch.float64).to(device)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) / 4).to(device)
+    ids = torch.randint(0, V, (n, T), generator=g).to(device)
+    mask = torch.zeros(n, T, dtype=torch.bool, device=device)
+    mask[:, 3:] = True
+    ref = (torch.randn(n, generator=g, dtype=torch.float64) - 20).to(device)
+    grads = []
+    for gif in (False, True):
+        hh = h.clone().requires_grad_(True)
+        ww = w.clone()  # frozen head
+        loss, _ = dpo_loss_from_hidden(hh, ww, ids, mask, ref_logps=ref, grad_in_forward=gif)
+        (loss / 3).backward()
+        assert ww.grad is None
+        grads.append(hh.grad)
+        if gif:
+            with pytest.raises(RuntimeError, match="one backward"):
+                loss.backward()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
