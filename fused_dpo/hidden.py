@@ -105,21 +105,32 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 _ADD_BLOCK_BYTES = 64 * 2**20
-# From torch 2.10 addmm.dtype_out accepts an fp32 `self` with bf16/fp16 matrices: accumulate in
-# place, one GEMM, no temporary.
-_ADDMM_F32_INPLACE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10)
+
+
+@functools.cache
+def _addmm_f32_inplace_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether addmm.dtype_out accepts an fp32 `self` with `dtype` matrices here (torch 2.10 and
+    later do; before, the check refuses it). Probed once on 1x1 tensors: the refusal is a dispatch
+    check, raised before any kernel runs."""
+    one = torch.zeros((1, 1), device=device, dtype=dtype)
+    acc = torch.zeros((1, 1), device=device, dtype=torch.float32)
+    try:
+        torch.ops.aten.addmm.dtype_out(acc, one, one, torch.float32, out=acc)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc fp32 (or fp64 with fp64 operands), a and b in the compute dtype.
 
-    Low-precision operands on CUDA: one in-place fp32-output GEMM from torch 2.10; before that
-    (addmm.dtype_out refuses an fp32 `self` with bf16 matrices there) each 64 MiB block of acc's
-    rows gets one fp32-output GEMM and an add, so the temporary stays bounded."""
+    Low-precision operands on CUDA: one in-place fp32-output GEMM where addmm.dtype_out takes an
+    fp32 `self` (torch 2.10 and later); elsewhere each 64 MiB block of acc's rows gets one
+    fp32-output GEMM and an add, so the temporary stays bounded."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if _ADDMM_F32_INPLACE and _has_mm_f32(a):
+    if _has_mm_f32(a) and _addmm_f32_inplace_ok(a.device, a.dtype):
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
         return
     step = max(1, _ADD_BLOCK_BYTES // max(1, acc.shape[1] * acc.element_size()))

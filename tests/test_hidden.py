@@ -268,3 +268,20 @@ def test_grad_in_forward_scaling_frozen_head_and_single_backward(device):
             with pytest.raises(RuntimeError, match="one backward"):
                 loss.backward()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+def test_fp32_accumulation_in_row_blocks(monkeypatch, device):
+    """acc (fp32) += a @ b for bf16 a, b: block by block where no in-place fp32-output GEMM
+    exists (the CPU; CUDA before torch 2.10), in one GEMM where it does: the same sums."""
+    from fused_dpo import hidden as hid
+
+    monkeypatch.setattr(hid, "_ADD_BLOCK_BYTES", 3 * 8 * 4)  # 3 rows of 8 fp32 per block
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(10, 6, generator=g).bfloat16().to(device)
+    b = torch.randn(6, 8, generator=g).bfloat16().to(device)
+    acc = torch.randn(10, 8, generator=g).to(device)
+    expected = acc.double() + a.double() @ b.double()
+    hid._addmm_f32_(acc, a, b)
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-6, atol=1e-6)
+    if device == "cpu":
+        assert not hid._addmm_f32_inplace_ok(torch.device("cpu"), torch.bfloat16)
