@@ -9,7 +9,7 @@ import inspect
 import torch
 
 from . import _common
-from .hidden import get_logps_from_hidden, grouped_logps_and_grads
+from .hidden import check_head_args, get_logps_from_hidden, grouped_logps_and_grads
 from .losses import check_loss_options, dpo_loss
 
 
@@ -117,7 +117,12 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
     if o["reduction"] != "mean":
         raise ValueError(f"grad_in_forward returns a scalar loss: reduction must be 'mean', "
                          f"got {o['reduction']!r}")
-    _common.check_float("hidden", hidden, 3)
+    if kw["impl"] == "reference":
+        raise ValueError("grad_in_forward has no eager reference implementation; use "
+                         "impl='triton'/'torch'/'auto', or grad_in_forward=False")
+    check_head_args(hidden, weight, bias, reduction="sum", temperature=kw["temperature"],
+                    softcap=kw["softcap"], impl=kw["impl"], head_dtype=None,
+                    chunk_size=kw["chunk_size"])
     n = hidden.shape[0]
     if n % 2:
         raise ValueError(f"hidden has batch {n}; expected the concatenated [chosen; rejected] (even)")

@@ -325,6 +325,36 @@ class _HiddenLogps(torch.autograd.Function):
         return (dh, dW, db) + (None,) * 11
 
 
+def check_head_args(hidden, weight, bias, *, reduction, temperature, softcap, impl, head_dtype,
+                    chunk_size) -> None:
+    """The hidden-state paths' argument checks (shapes, dtypes, devices, options), in one place."""
+    _common.check_float("hidden", hidden, 3)
+    _common.check_float("weight", weight, 2)
+    _common.check_options(reduction, temperature, softcap, impl)
+    _B, T, H = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden has H = {H}")
+    if bias is not None:
+        _common.check_float("bias", bias, 1)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has V = {V}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if (t.dtype == torch.float64) != (hidden.dtype == torch.float64):
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; "
+                            "float64 does not mix with other dtypes")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if head_dtype is not None and head_dtype not in _common.FLOAT_DTYPES:
+        raise TypeError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
+    if T < 1 or V < 1:
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)} and V = {V}; need T, V >= 1")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def get_logps_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -369,31 +399,10 @@ def get_logps_from_hidden(
         weight's gradient is accumulated in fp32). Finding the scored positions costs one host
         sync per pass; under CUDA graph capture every position is computed instead (no sync).
     """
-    _common.check_float("hidden", hidden, 3)
-    _common.check_float("weight", weight, 2)
-    _common.check_options(reduction, temperature, softcap, impl)
-    B, T, H = hidden.shape
+    check_head_args(hidden, weight, bias, reduction=reduction, temperature=temperature,
+                    softcap=softcap, impl=impl, head_dtype=head_dtype, chunk_size=chunk_size)
+    B, T, _H = hidden.shape
     V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight has shape {tuple(weight.shape)} but hidden has H = {H}")
-    if bias is not None:
-        _common.check_float("bias", bias, 1)
-        if bias.shape[0] != V:
-            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has V = {V}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if (t.dtype == torch.float64) != (hidden.dtype == torch.float64):
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; "
-                            "float64 does not mix with other dtypes")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if head_dtype is not None and head_dtype not in _common.FLOAT_DTYPES:
-        raise TypeError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
-    if T < 1 or V < 1:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)} and V = {V}; need T, V >= 1")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
                                ignore_index, "hidden")
     if impl == "reference":

@@ -243,6 +243,15 @@ def test_grad_in_forward_refuses_coupled_losses():
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), reduction="none",
                              grad_in_forward=True)
+    # the head and options are checked as on the autograd path
+    with pytest.raises(ValueError, match="temperature"):
+        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), temperature=0,
+                             grad_in_forward=True)
+    with pytest.raises(ValueError, match="H = 4"):
+        dpo_loss_from_hidden(h, w[:, :3], ids, mask, ref_logps=torch.zeros(2), grad_in_forward=True)
+    with pytest.raises(ValueError, match="no eager reference"):
+        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), impl="reference",
+                             grad_in_forward=True)
 
 
 def test_grad_in_forward_scaling_frozen_head_and_single_backward(device):
