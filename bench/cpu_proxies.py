@@ -54,6 +54,8 @@ def _acc(dtype):
 def _stubs(module, launches: collections.Counter) -> dict:
     """No-op launchers for `module`, allocating what the real ones return, counting their calls."""
     new_api = "stats" in inspect.signature(module.row_stats).parameters
+    # From the entropy statistics on, seq_reduce also returns their bundle (None without them).
+    returns_ext = "grad_entropy" in inspect.signature(module.row_grad).parameters
     stubs = {}
 
     if new_api:
@@ -68,7 +70,7 @@ def _stubs(module, launches: collections.Counter) -> dict:
             counts = torch.empty(B, dtype=zy.dtype, device=zy.device)
             # zeros, not empty: the validation reads it (the real kernel writes 0 for good labels)
             bad = torch.zeros(B, dtype=torch.int32, device=zy.device)
-            return out, counts, bad
+            return (out, counts, bad, None) if returns_ext else (out, counts, bad)
 
         def row_grad(*args, **kw):
             launches["row_grad"] += 1

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +16,57 @@ ID_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
 REDUCTIONS = ("sum", "mean", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
+# Per-token statistics computed in the same pass as the log-probs (TRL 1.16's names), in the
+# order of the rows of the kernels' stats bundle.
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+class LogpsStats(NamedTuple):
+    """What `get_logps(..., stats=...)` and `get_logps_from_hidden(..., stats=...)` return.
+
+    Every field is reduced like the log-probs: per token (reduction "none"), the token's weight
+    times its value, 0 off the response; "sum" the sum of those; "mean" that sum over the count.
+    A statistic that was not asked for is None.
+
+    Gradients: `logps` always; `entropy` only with `entropy_grad=True` (else it is detached);
+    the other three never.
+    """
+
+    logps: torch.Tensor  # log p(label)
+    counts: torch.Tensor  # (B,) sum of the token weights
+    entropy: torch.Tensor | None  # H = lse - sum_v p_v z_v
+    log_sum_sq_probs: torch.Tensor | None  # log sum_v p_v^2 (WPO's weighting term)
+    mean_logits: torch.Tensor | None  # mean_v z_v, z the tempered / softcapped logits
+    is_top1: torch.Tensor | None  # 1.0 where the label is the argmax (first maximum), else 0.0
+
+
+def check_stats(stats, entropy_grad: bool) -> tuple[str, ...]:
+    """The requested statistics as a tuple of names from STATS (empty: none)."""
+    if stats is None:
+        stats = ()
+    elif isinstance(stats, str):
+        stats = (stats,)
+    stats = tuple(stats)
+    for name in stats:
+        if name not in STATS:
+            raise ValueError(f"stats: unknown statistic {name!r}; choose from {STATS}")
+    if entropy_grad and "entropy" not in stats:
+        raise ValueError("entropy_grad=True needs 'entropy' in stats")
+    return stats
+
+
+def stats_result(out, counts, ext, stats: tuple[str, ...], entropy_grad: bool) -> LogpsStats:
+    """The LogpsStats of one call, from the kernels' (4, ...) bundle `ext` (rows in STATS order)."""
+    rows = ext.unbind(0)
+    vals = {}
+    for i, name in enumerate(STATS):
+        if name not in stats:
+            vals[name] = None
+        elif name == "entropy" and entropy_grad:
+            vals[name] = rows[i]
+        else:
+            vals[name] = rows[i].detach()
+    return LogpsStats(out, counts, **vals)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:

@@ -59,7 +59,10 @@ def _labels_weights(labels, mask, b, t, ignore_index, acc):
 def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_temp, softcap,
               row_index=None, accumulate=False):
     """See kernels.logps.row_stats."""
-    zy, m, logs, w = (s.view(-1) for s in stats)
+    zy, m, logs, w = (s.view(-1) for s in stats[:4])
+    has_stats = len(stats) > 4
+    if has_stats:
+        pz, lq, sz, mb = (s.view(-1) for s in stats[4:])
     R = stats[0].shape[1]
     V = x.shape[-1]
     acc = zy.dtype
@@ -69,13 +72,27 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
         xc = x[b0, r0:r1]
         flat = b * R + r
         lab, wc = _labels_weights(labels, mask, b, r + shift, ignore_index, acc)
+        col = lab - vocab_start
         z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
+        if has_stats:
+            sz_c = z.sum(-1)
+            before = torch.arange(V, device=z.device)[None, :] < col[:, None]
+            mb_c = z.masked_fill(~before, float("-inf")).amax(-1)
         # Not torch.logsumexp: it maps a row holding +inf to inf (then log p = -inf); the eager
         # log_softmax, and the kernel, give NaN, which is the honest answer.
         mc = z.amax(-1)
         m_ref = torch.where(mc == float("-inf"), 0.0, mc)
-        logs_c = z.sub_(m_ref[:, None]).exp_().sum(-1).log_()
-        col = lab - vocab_start
+        d = z.sub_(m_ref[:, None])
+        if has_stats:
+            e = d.exp()
+            s_c = e.sum(-1)
+            # sum e (z - m); e = 0 where z = -inf, whose product with -inf is 0, not NaN
+            u_c = e.mul(d).masked_fill_(e == 0, 0.0).sum(-1)
+            logs_c = s_c.log()
+            pz_c = u_c / s_c
+            lq_c = e.square_().sum(-1).log_() - 2 * logs_c
+        else:
+            logs_c = d.exp_().sum(-1).log_()
         in_range = (col >= 0) & (col < V)
         picked = xc.gather(-1, col.clamp(0, V - 1)[:, None]).squeeze(-1).to(acc)
         zy_c = torch.where(in_range, _transform_(picked, inv_temp, softcap), float("nan"))
@@ -84,36 +101,65 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
             m_old, logs_old = m[flat], logs[flat]
             m_all = torch.maximum(m_old, mc)
             ref = torch.where(m_all == float("-inf"), 0.0, m_all)
-            logs_c = torch.log(torch.exp(m_old - ref + logs_old) + torch.exp(mc - ref + logs_c))
+            mass_old = torch.exp(m_old - ref + logs_old)
+            mass_new = torch.exp(mc - ref + logs_c)
+            if has_stats:
+                pi_old = mass_old / (mass_old + mass_new)
+                pi_new = mass_new / (mass_old + mass_new)
+                pz_c = torch.where(pi_old > 0, pi_old * (pz[flat] + (m_old - ref)), 0.0) + \
+                    torch.where(pi_new > 0, pi_new * (pz_c + (mc - ref)), 0.0)
+                lq_c = torch.log(pi_old.square() * lq[flat].exp() + pi_new.square() * lq_c.exp())
+                sz_c = sz_c + sz[flat]
+                mb_c = torch.maximum(mb_c, mb[flat])
+            logs_c = torch.log(mass_old + mass_new)
             mc = m_all
             zy_c = torch.where(in_range, zy_c, zy[flat])
         zy[flat] = torch.where(active, zy_c, 0.0)
         m[flat] = torch.where(active, mc, 0.0)
         logs[flat] = torch.where(active, logs_c, 0.0)
         w[flat] = wc
+        if has_stats:
+            pz[flat] = torch.where(active, pz_c, 0.0)
+            lq[flat] = torch.where(active, lq_c, 0.0)
+            sz[flat] = torch.where(active, sz_c, 0.0)
+            mb[flat] = torch.where(active, mb_c, 0.0)
+
+
+def _reduce(tok, counts, code):
+    out = tok.sum(-1)
+    if code == MEAN:
+        out = torch.where(counts != 0, out / torch.where(counts != 0, counts, 1.0), 0.0)
+    return out
 
 
 def seq_reduce(stats, labels, *, V, shift, reduction):
     """See kernels.logps.seq_reduce."""
-    zy, m, logs, w = stats
+    zy, m, logs, w = stats[:4]
     R = zy.shape[1]
     code = REDUCTION_CODE[reduction]
-    tok = torch.where(w != 0, w * ((zy - m) - logs), 0.0)
+    live = w != 0
+    tok = torch.where(live, w * ((zy - m) - logs), 0.0)
     counts = w.sum(-1)
     lab = labels[:, shift : shift + R]
-    bad = ((w != 0) & ((lab < 0) | (lab >= V))).sum(-1, dtype=torch.int32)
+    bad = (live & ((lab < 0) | (lab >= V))).sum(-1, dtype=torch.int32)
+    ext = None
+    if len(stats) > 4:
+        pz, lq, sz, mb = stats[4:]
+        top1 = (zy >= m) & (zy > mb)
+        ext = torch.stack([logs - pz, lq, sz / V, top1.to(w.dtype)])
+        ext = torch.where(live, w * ext, 0.0)
+        if code != NONE:
+            ext = _reduce(ext, counts, code)
     if code == NONE:
-        return tok, counts, bad
-    out = tok.sum(-1)
-    if code == MEAN:
-        out = torch.where(counts != 0, out / torch.where(counts != 0, counts, 1.0), 0.0)
-    return out, counts, bad
+        return tok, counts, bad, ext
+    return _reduce(tok, counts, code), counts, bad, ext
 
 
 def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,
-             reduction, row_index=None):
+             reduction, row_index=None, grad_entropy=None):
     """See kernels.logps.row_grad."""
-    _zy, m, logs, w = (s.view(-1) for s in stats)
+    _zy, m, logs, w = (s.view(-1) for s in stats[:4])
+    ent = None if grad_entropy is None else (logs - stats[4].view(-1))
     R = stats[0].shape[1]
     V = x.shape[-1]
     acc = m.dtype
@@ -129,11 +175,25 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
         g_up = grad_out[b, r.clamp(max=max(R - 1, 0))] if code == NONE else grad_out[b]
         # The weight gates the upstream read: a NaN upstream gradient must not reach prompt rows.
         coef = torch.where(wc != 0, g_up.to(acc) * wc, 0.0)
+        if ent is not None:
+            ge = grad_entropy[b, r.clamp(max=max(R - 1, 0))] if code == NONE else grad_entropy[b]
+            coef_h = torch.where(wc != 0, ge.to(acc) * wc, 0.0)
         if code == MEAN:
             c = counts[b].to(acc)
             coef = torch.where(c != 0, coef / torch.where(c != 0, c, 1.0), 0.0)
+            if ent is not None:
+                coef_h = torch.where(c != 0, coef_h / torch.where(c != 0, c, 1.0), 0.0)
         z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
-        dz = z.sub_(m[flat][:, None]).sub_(logs[flat][:, None]).exp_().mul_(-coef[:, None])
+        lp = z.sub_(m[flat][:, None]).sub_(logs[flat][:, None])
+        if ent is not None:
+            # d/dz of coef log p_y + coef_h H: coef (onehot - p) - coef_h p (log p + H)
+            p = lp.exp()
+            dz = lp.add_(ent[flat][:, None]).mul_(coef_h[:, None]).masked_fill_(p == 0, 0.0)
+            dz = dz.add_(coef[:, None]).mul_(p).neg_()
+            dead = (coef == 0) & (coef_h == 0)
+        else:
+            dz = lp.exp_().mul_(-coef[:, None])
+            dead = coef == 0
         col = labels[b, torch.where(scored, r + shift, 0)].long() - vocab_start
         hit = (col >= 0) & (col < V)
         dz.scatter_add_(-1, col.clamp(0, V - 1)[:, None], torch.where(hit, coef, 0.0)[:, None])
@@ -143,4 +203,4 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
         elif inv_temp != 1.0:
             dz.mul_(inv_temp)
         # Unscored rows get exact zeros (the kernel does not read them; 0 * NaN must not leak).
-        grad[b0, r0:r1].copy_(dz.masked_fill_((coef == 0)[:, None], 0.0))
+        grad[b0, r0:r1].copy_(dz.masked_fill_(dead[:, None], 0.0))

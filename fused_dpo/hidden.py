@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import _common
-from .logps import _acc_dtype
+from .logps import _acc_dtype, fake_outputs, stats_rows
 from .reference import get_logps_from_hidden_reference
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -157,14 +157,14 @@ def _autocast_off(fn):
 
 @_autocast_off
 def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
-                    reduction, impl, compute_dtype, chunk_size, compact):
+                    reduction, impl, compute_dtype, chunk_size, compact, with_stats=False):
     launchers = _common.backend(impl, hidden.device)
     B, T, _H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
     acc = _acc_dtype(compute_dtype)
     # Zeros: rows that are never visited (not scored) must read as weight 0.
-    stats = torch.zeros((4, B, R), dtype=acc, device=hidden.device)
+    stats = torch.zeros((stats_rows(with_stats), B, R), dtype=acc, device=hidden.device)
     parts = stats.unbind(0)
     idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
     h, _src = _rows_of(hidden, idx, R)
@@ -179,14 +179,15 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
             launchers.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
                                 ignore_index=ignore_index, inv_temp=1.0 / temperature,
                                 softcap=softcap, row_index=idx, accumulate=v0 > 0)
-    out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
-    return out, counts, bad, stats, idx
+    out, counts, bad, ext = launchers.seq_reduce(parts, labels, V=V, shift=shift,
+                                                 reduction=reduction)
+    return out, counts, bad, stats, ext, idx  # ext: None without statistics
 
 
 @_autocast_off
 def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                      ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
-                     compact, need_h, need_w, need_b, idx=False):
+                     compact, need_h, need_w, need_b, idx=False, grad_entropy=None):
     launchers = _common.backend(impl, hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
@@ -212,7 +213,7 @@ def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts
         x = g[None] if idx is not None else g.view(B, R, v1 - v0)
         launchers.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
                            inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
-                           row_index=idx)
+                           row_index=idx, grad_entropy=grad_entropy)
         if need_w:
             _mm_into(dW[v0:v1], g.T, h)
         if need_h:
@@ -239,22 +240,22 @@ def logps_from_hidden_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     mask: torch.Tensor | None, shift: int, ignore_index: int | None, temperature: float,
     softcap: float | None, reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int,
-    compact: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, counts, bad, stats) for `get_logps_from_hidden`; chunk_size 0 = automatic."""
-    return _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature,
-                           softcap, reduction, impl, compute_dtype, chunk_size, compact)[:4]
+    compact: bool, with_stats: bool, entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, counts, bad, stats, ext) for `get_logps_from_hidden`; chunk_size 0 = automatic.
+    entropy_grad only tells autograd whether ext carries a gradient."""
+    out, counts, bad, stats, ext, _idx = _hidden_forward(
+        hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction,
+        impl, compute_dtype, chunk_size, compact, with_stats)
+    return out, counts, bad, stats, ext if ext is not None else out.new_empty((0,))
 
 
 @logps_from_hidden_op.register_fake
 def _(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
-      compute_dtype, chunk_size, compact):
+      compute_dtype, chunk_size, compact, with_stats, entropy_grad):
     B, T, _H = hidden.shape
-    R = max(T - shift, 0)
-    acc = _acc_dtype(compute_dtype)
-    out = hidden.new_empty((B, R) if reduction == "none" else (B,), dtype=acc)
-    return (out, hidden.new_empty((B,), dtype=acc), hidden.new_empty((B,), dtype=torch.int32),
-            hidden.new_empty((4, B, R), dtype=acc))
+    return fake_outputs(hidden, B, max(T - shift, 0), _acc_dtype(compute_dtype), reduction,
+                        with_stats)
 
 
 @torch.library.custom_op("fused_dpo::logps_from_hidden_backward", mutates_args=())
@@ -263,19 +264,20 @@ def logps_from_hidden_backward_op(
     labels: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor, counts: torch.Tensor,
     shift: int, ignore_index: int | None, temperature: float, softcap: float | None,
     reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int, compact: bool,
-    need_h: bool, need_w: bool, need_b: bool,
+    need_h: bool, need_w: bool, need_b: bool, grad_entropy: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias); a gradient that is not needed comes back empty (each its own
     tensor: a custom op's outputs may not alias one another)."""
     dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                                   ignore_index, temperature, softcap, reduction, impl,
-                                  compute_dtype, chunk_size, compact, need_h, need_w, need_b)
+                                  compute_dtype, chunk_size, compact, need_h, need_w, need_b,
+                                  grad_entropy=grad_entropy)
     return tuple(g if g is not None else hidden.new_empty((0,)) for g in (dh, dW, db))
 
 
 @logps_from_hidden_backward_op.register_fake
 def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
-    *_, need_h, need_w, need_b = args
+    *_, need_h, need_w, need_b, _grad_entropy = args
     empty = lambda: hidden.new_empty((0,))  # noqa: E731
     # d_hidden is contiguous (B, T, H) whatever hidden's layout, as the real op returns it
     return (hidden.new_empty(hidden.shape) if need_h else empty(),
@@ -285,18 +287,20 @@ def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, mask, *rest = inputs
-    _out, counts, bad, stats = output
+    _out, counts, bad, stats, ext = output
     ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
-    ctx.args = tuple(rest)
-    ctx.mark_non_differentiable(counts, bad, stats)
+    ctx.args = tuple(rest[:-2])  # without with_stats, entropy_grad
+    ctx.entropy_grad = rest[-1]
+    ctx.mark_non_differentiable(counts, bad, stats, *(() if ctx.entropy_grad else (ext,)))
 
 
-def _op_backward(ctx, grad_out, _gc, _gb, _gs):
+def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
     hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
     dh, dW, db = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels, mask, stats,
-                                               counts, *ctx.args, need_h, need_w, need_b)
-    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 11
+                                               counts, *ctx.args, need_h, need_w, need_b, ge)
+    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 13
 
 
 logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -305,24 +309,31 @@ logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_contex
 class _HiddenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, mask, *args):
-        out, counts, bad, stats, idx = _hidden_forward(hidden, weight, bias, labels, mask, *args)
+        *args, with_stats, entropy_grad = args
+        out, counts, bad, stats, ext, idx = _hidden_forward(hidden, weight, bias, labels, mask,
+                                                            *args, with_stats)
         ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
         ctx.idx = idx  # the scored rows: the backward needs no second host sync to find them
         ctx.args = args
-        ctx.mark_non_differentiable(counts, bad)
+        ctx.entropy_grad = entropy_grad
+        ctx.mark_non_differentiable(counts, bad, *(() if entropy_grad or ext is None else (ext,)))
         ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
-        return out, counts, bad
+        return out, counts, bad, ext
 
     @staticmethod
-    def backward(ctx, grad_out, _gc, _gb):
-        if grad_out is None:  # the log-probs did not reach the loss (only counts were used)
-            return (None,) * 14
+    def backward(ctx, grad_out, _gc, _gb, grad_ext):
+        ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
+        if grad_out is None and ge is None:  # only counts or logged statistics were used
+            return (None,) * 16
         hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
+        if grad_out is None:  # only the entropy reached the loss
+            grad_out = torch.zeros_like(ge)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
-                                      *ctx.args, need_h, need_w, need_b, idx=ctx.idx)
+                                      *ctx.args, need_h, need_w, need_b, idx=ctx.idx,
+                                      grad_entropy=ge)
         ctx.idx = None
-        return (dh, dW, db) + (None,) * 11
+        return (dh, dW, db) + (None,) * 13
 
 
 def check_head_args(hidden, weight, bias, *, reduction, temperature, softcap, impl, head_dtype,
@@ -374,6 +385,8 @@ def get_logps_from_hidden(
     chunk_size: int | None = None,
     compact: bool = True,
     validate: bool = True,
+    stats=None,
+    entropy_grad: bool = False,
 ):
     """`get_logps(hidden @ weight.T + bias, ...)` without ever building the (B, T, V) logits.
 
@@ -382,7 +395,9 @@ def get_logps_from_hidden(
         weight: (V, H) lm_head weight; bias: optional (V,). The weight may be float32 master
             weights under bf16/fp16 hidden states (mixed precision), with or without autocast.
         input_ids, response_mask, labels, ignore_index, shift, reduction, return_counts,
-        temperature, softcap, validate: exactly as in `fused_dpo.get_logps`.
+        temperature, softcap, validate, stats, entropy_grad: exactly as in `fused_dpo.get_logps`
+        (the statistics are merged across vocab chunks in the same pass; the mean logit is over
+        all V columns).
         head_dtype: dtype of the lm_head matmuls. Default: autocast's dtype when autocast is on,
             else hidden's. `torch.float32` computes the logits in float32 (RL users who need
             training and inference log-probs to agree).
@@ -401,6 +416,7 @@ def get_logps_from_hidden(
     """
     check_head_args(hidden, weight, bias, reduction=reduction, temperature=temperature,
                     softcap=softcap, impl=impl, head_dtype=head_dtype, chunk_size=chunk_size)
+    stats = _common.check_stats(stats, entropy_grad)
     B, T, _H = hidden.shape
     V = weight.shape[0]
     tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
@@ -412,18 +428,21 @@ def get_logps_from_hidden(
             hidden, weight, input_ids, response_mask, bias=bias, labels=labels,
             ignore_index=ignore_index, shift=shift, reduction=reduction,
             return_counts=return_counts, temperature=temperature, softcap=softcap,
-            head_dtype=head_dtype,
+            head_dtype=head_dtype, stats=stats, entropy_grad=entropy_grad,
         )
     s = int(shift)
     args = (s, tg.ignore_index, float(temperature), float(softcap) if softcap is not None else None,
-            reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0, bool(compact))
+            reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0, bool(compact),
+            bool(stats), bool(entropy_grad))
     if torch.compiler.is_compiling():
-        out, counts, bad, _stats = logps_from_hidden_op(hidden, weight, bias, tg.labels, tg.mask,
-                                                        *args)
+        out, counts, bad, _stats, ext = logps_from_hidden_op(hidden, weight, bias, tg.labels,
+                                                             tg.mask, *args)
     else:
-        out, counts, bad = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args)
+        out, counts, bad, ext = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args)
     if validate:
         _common.check_bad_count(bad, tg, V, s)
+    if stats:
+        return _common.stats_result(out, counts, ext, stats, bool(entropy_grad))
     return (out, counts) if return_counts else out
 
 
@@ -496,7 +515,8 @@ def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn
             launchers.row_stats(x, lab, msk, stats=parts, shift=shift, vocab_start=0,
                                 ignore_index=ignore_index, inv_temp=inv_temp, softcap=softcap,
                                 row_index=idx)
-        out_g, counts_g, bad_g = launchers.seq_reduce(parts, lab, V=V, shift=shift, reduction="sum")
+        out_g, counts_g, bad_g, _ = launchers.seq_reduce(parts, lab, V=V, shift=shift,
+                                                         reduction="sum")
         logps[sel], counts[sel], bad[sel] = out_g, counts_g, bad_g
         coef = coef_fn(g, out_g, counts_g).to(acc).contiguous()
         if not M:

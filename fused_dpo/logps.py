@@ -17,34 +17,44 @@ from . import _common
 from .reference import get_logps_reference
 
 
-def _alloc_stats(B: int, R: int, acc: torch.dtype, device) -> torch.Tensor:
-    # zy, m, logs, w in one allocation: (4, B, R); rows of weight 0 are written as 0 by the kernel.
-    return torch.empty((4, B, R), dtype=acc, device=device)
+def stats_rows(with_stats: bool) -> int:
+    """Rows of the per-row statistics bundle: zy, m, logs, w; with the optional statistics also
+    sum p (z - m), log sum p^2, sum z and the max before the label (kernels/logps.py)."""
+    return 8 if with_stats else 4
+
+
+def _alloc_stats(B: int, R: int, acc: torch.dtype, device, with_stats: bool) -> torch.Tensor:
+    # One allocation, (4 or 8, B, R); rows of weight 0 are written as 0 by the kernel.
+    return torch.empty((stats_rows(with_stats), B, R), dtype=acc, device=device)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl):
-    """(out, counts, bad, stats): the implementation behind both the op and the Function."""
+def _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
+             with_stats):
+    """(out, counts, bad, stats, ext): the implementation behind both the op and the Function.
+    ext is the (4, ...) bundle of reduced statistics (entropy, log sum p^2, mean logit, top-1)
+    with `with_stats`, else None (the op returns an empty tensor: its outputs are tensors)."""
     launchers = _common.backend(impl, logits.device)
     B, T, V = logits.shape
     R = max(T - shift, 0)
-    stats = _alloc_stats(B, R, _acc_dtype(logits.dtype), logits.device)
+    stats = _alloc_stats(B, R, _acc_dtype(logits.dtype), logits.device, with_stats)
     parts = stats.unbind(0)
     launchers.row_stats(logits, labels, mask, stats=parts, shift=shift, vocab_start=0,
                         ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap)
-    out, counts, bad = launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction)
-    return out, counts, bad, stats
+    out, counts, bad, ext = launchers.seq_reduce(parts, labels, V=V, shift=shift,
+                                                 reduction=reduction)
+    return out, counts, bad, stats, ext
 
 
 def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl,
-              grad):
+              grad, grad_entropy=None):
     launchers = _common.backend(impl, logits.device)
     launchers.row_grad(logits, grad, labels, stats.unbind(0), grad_out, counts, shift=shift,
                        vocab_start=0, inv_temp=1.0 / temperature, softcap=softcap,
-                       reduction=reduction)
+                       reduction=reduction, grad_entropy=grad_entropy)
     return grad
 
 
@@ -54,49 +64,63 @@ def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softc
 def logps_op(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, shift: int,
     ignore_index: int | None, temperature: float, softcap: float | None, reduction: str, impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, counts, bad, stats) for `get_logps`; stats (4, B, R) are saved for the backward."""
-    return _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl)
+    with_stats: bool, entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, counts, bad, stats, ext) for `get_logps`; stats (4 or 8, B, R) are saved for the
+    backward. entropy_grad only tells autograd whether ext carries a gradient."""
+    out, counts, bad, stats, ext = _forward(logits, labels, mask, shift, ignore_index, temperature,
+                                            softcap, reduction, impl, with_stats)
+    return out, counts, bad, stats, ext if ext is not None else out.new_empty((0,))
+
+
+def fake_outputs(like, B, R, acc, reduction, with_stats):
+    """Empty outputs shaped as the forward's (out, counts, bad, stats, ext), for fake kernels."""
+    shape = (B, R) if reduction == "none" else (B,)
+    return (like.new_empty(shape, dtype=acc), like.new_empty((B,), dtype=acc),
+            like.new_empty((B,), dtype=torch.int32),
+            like.new_empty((stats_rows(with_stats), B, R), dtype=acc),
+            like.new_empty((4, *shape) if with_stats else (0,), dtype=acc))
 
 
 @logps_op.register_fake
-def _(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl):
+def _(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl, with_stats,
+      entropy_grad):
     B, T, _V = logits.shape
-    R = max(T - shift, 0)
-    acc = _acc_dtype(logits.dtype)
-    out = logits.new_empty((B, R) if reduction == "none" else (B,), dtype=acc)
-    return (out, logits.new_empty((B,), dtype=acc), logits.new_empty((B,), dtype=torch.int32),
-            logits.new_empty((4, B, R), dtype=acc))
+    return fake_outputs(logits, B, max(T - shift, 0), _acc_dtype(logits.dtype), reduction,
+                        with_stats)
 
 
 @torch.library.custom_op("fused_dpo::logps_backward", mutates_args=())
 def logps_backward_op(
     grad_out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     counts: torch.Tensor, shift: int, temperature: float, softcap: float | None, reduction: str,
-    impl: str,
+    impl: str, grad_entropy: torch.Tensor | None,
 ) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return _backward(grad_out, logits, labels, stats, counts, shift, temperature, softcap,
-                     reduction, impl, grad)
+                     reduction, impl, grad, grad_entropy)
 
 
 @logps_backward_op.register_fake
-def _(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl):
+def _(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl,
+      grad_entropy):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, _mask, shift, _ii, temperature, softcap, reduction, impl = inputs
-    _out, counts, _bad, stats = output
+    logits, labels, _mask, shift, _ii, temperature, softcap, reduction, impl, _ws, ent_grad = inputs
+    _out, counts, _bad, stats, ext = output
     ctx.save_for_backward(logits, labels, stats, counts)
     ctx.args = (shift, temperature, softcap, reduction, impl)
-    ctx.mark_non_differentiable(counts, _bad, stats)
+    ctx.entropy_grad = ent_grad
+    ctx.mark_non_differentiable(counts, _bad, stats, *(() if ent_grad else (ext,)))
 
 
-def _op_backward(ctx, grad_out, _gc, _gb, _gs):
+def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
     logits, labels, stats, counts = ctx.saved_tensors
-    grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args)
-    return grad, None, None, None, None, None, None, None, None
+    ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
+    grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args, ge)
+    return (grad,) + (None,) * 10
 
 
 logps_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -107,27 +131,31 @@ logps_op.register_autograd(_op_backward, setup_context=_setup_context)
 class _Logps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, mask, shift, ignore_index, temperature, softcap, reduction,
-                impl, inplace_backward):
-        out, counts, bad, stats = _forward(logits, labels, mask, shift, ignore_index, temperature,
-                                           softcap, reduction, impl)
+                impl, with_stats, entropy_grad, inplace_backward):
+        out, counts, bad, stats, ext = _forward(logits, labels, mask, shift, ignore_index,
+                                                temperature, softcap, reduction, impl, with_stats)
         ctx.save_for_backward(logits, labels, stats, counts)
         ctx.args = (shift, temperature, softcap, reduction, impl)
         ctx.inplace_backward = inplace_backward
-        ctx.mark_non_differentiable(counts, bad)
+        ctx.entropy_grad = entropy_grad
+        ctx.mark_non_differentiable(counts, bad, *(() if entropy_grad or ext is None else (ext,)))
         ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
-        return out, counts, bad
+        return out, counts, bad, ext
 
     @staticmethod
-    def backward(ctx, grad_out, _gc, _gb):
-        if grad_out is None:  # the log-probs did not reach the loss (only counts were used)
-            return (None,) * 10
+    def backward(ctx, grad_out, _gc, _gb, grad_ext):
+        ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
+        if grad_out is None and ge is None:  # only counts or logged statistics were used
+            return (None,) * 12
         logits, labels, stats, counts = ctx.saved_tensors
+        if grad_out is None:  # only the entropy reached the loss
+            grad_out = torch.zeros_like(ge)
         if ctx.inplace_backward:
             grad = logits
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad)
-        return grad, None, None, None, None, None, None, None, None, None
+        _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad, ge)
+        return (grad,) + (None,) * 11
 
 
 def _may_overlap(t: torch.Tensor) -> bool:
@@ -157,6 +185,8 @@ def get_logps(
     impl: str = "auto",
     inplace_backward: bool = False,
     validate: bool = True,
+    stats=None,
+    entropy_grad: bool = False,
 ):
     """Log-probability of each sequence's response tokens, fused: no (B, T, V) float32 tensor.
 
@@ -193,14 +223,26 @@ def get_logps(
             naming the first bad position, at the cost of one host sync after the kernels. Inside
             torch.compile or CUDA graph capture: a device-side assert (`torch._assert_async`), no
             sync. With validate=False an out-of-range id gives NaN, never a wrong number.
+        stats: per-token statistics computed in the same pass over each row, any of
+            "entropy" (H = lse - sum_v p_v z_v), "log_sum_sq_probs" (log sum_v p_v^2),
+            "mean_logits" (mean_v z_v) and "is_top1" (1.0 when the label is the argmax, the
+            first maximum as torch.argmax picks it), z the softcapped, tempered logits. Each is
+            reduced as the log-probs are: the token's weight times its value, summed, or
+            divided by the count ("mean"), or per token ("none", 0 off the response).
+        entropy_grad: the entropy carries a gradient (an entropy bonus); its backward rides in
+            the same kernel as the log-probs'. Otherwise the statistics are detached: only
+            `logps` (and with this flag `entropy`) ever carry gradients.
 
     Returns:
         float32 (float64 for float64 logits) tensor as per `reduction`; with return_counts a
-        tuple (logps, counts). Non-response positions are never read, so NaN there is ignored;
-        NaN or inf in a response row gives NaN for that sequence.
+        tuple (logps, counts); with `stats` a `LogpsStats` named tuple (logps, counts, entropy,
+        log_sum_sq_probs, mean_logits, is_top1), None for the statistics not asked for.
+        Non-response positions are never read, so NaN there is ignored; NaN or inf in a
+        response row gives NaN for that sequence.
     """
     _common.check_float("logits", logits, 3)
     _common.check_options(reduction, temperature, softcap, impl)
+    stats = _common.check_stats(stats, entropy_grad)
     B, T, V = logits.shape
     if T < 1 or V < 1:
         raise ValueError(f"logits has shape {tuple(logits.shape)}; need T >= 1 and V >= 1")
@@ -214,7 +256,7 @@ def get_logps(
         return get_logps_reference(
             logits, input_ids, response_mask, labels=labels, ignore_index=ignore_index, shift=shift,
             reduction=reduction, return_counts=return_counts, temperature=temperature,
-            softcap=softcap,
+            softcap=softcap, stats=stats, entropy_grad=entropy_grad,
         )
     if inplace_backward and _may_overlap(logits):
         raise ValueError(
@@ -223,13 +265,17 @@ def get_logps(
         )
     s = int(shift)
     softcap = float(softcap) if softcap is not None else None
+    with_stats, entropy_grad = bool(stats), bool(entropy_grad)
     if torch.compiler.is_compiling():
-        out, counts, bad, _stats = logps_op(logits, tg.labels, tg.mask, s, tg.ignore_index,
-                                            float(temperature), softcap, reduction, impl)
+        out, counts, bad, _stats, ext = logps_op(logits, tg.labels, tg.mask, s, tg.ignore_index,
+                                                 float(temperature), softcap, reduction, impl,
+                                                 with_stats, entropy_grad)
     else:
-        out, counts, bad = _Logps.apply(logits, tg.labels, tg.mask, s, tg.ignore_index,
-                                        float(temperature), softcap, reduction, impl,
-                                        inplace_backward)
+        out, counts, bad, ext = _Logps.apply(logits, tg.labels, tg.mask, s, tg.ignore_index,
+                                             float(temperature), softcap, reduction, impl,
+                                             with_stats, entropy_grad, inplace_backward)
     if validate:
         _common.check_bad_count(bad, tg, V, s)
+    if with_stats:
+        return _common.stats_result(out, counts, ext, stats, entropy_grad)
     return (out, counts) if return_counts else out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import LogpsStats, check_stats
+
 
 def shifted_targets(
     input_ids: torch.Tensor | None,
@@ -66,11 +68,21 @@ def get_logps_reference(
     return_counts: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
+    stats=None,
+    entropy_grad: bool = False,
 ):
     """The eager shifted log-softmax gather. Accumulates in float32, or float64 for float64 logits.
 
     Positions of weight 0 do not contribute even when their logits hold NaN (masked with `where`,
-    not a product), as in the fused paths."""
+    not a product), as in the fused paths. With `stats`, returns a `LogpsStats` whose statistics
+    come from the full (B, R, V) distribution, by their definitions:
+
+        entropy           -sum_v p_v log p_v
+        log_sum_sq_probs  logsumexp_v(2 log p_v)
+        mean_logits       mean_v z_v
+        is_top1           argmax_v z_v == label (torch.argmax: the first maximum)
+    """
+    stats = check_stats(stats, entropy_grad)
     targets, weights = shifted_targets(input_ids, response_mask, labels, ignore_index, shift)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits[:, : logits.shape[1] - int(shift), :].to(acc)
@@ -79,9 +91,33 @@ def get_logps_reference(
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     safe = torch.where(weights != 0, targets, torch.zeros_like(targets)).long()
-    logps = torch.log_softmax(z, -1).gather(-1, safe[..., None]).squeeze(-1)
-    token_logps = torch.where(weights != 0, logps * weights.to(acc), 0.0)
-    return reduce_token_logps(token_logps, weights.to(acc), reduction, return_counts)
+    logp_all = torch.log_softmax(z, -1)
+    logps = logp_all.gather(-1, safe[..., None]).squeeze(-1)
+    w = weights.to(acc)
+    token_logps = torch.where(weights != 0, logps * w, 0.0)
+    if not stats:
+        return reduce_token_logps(token_logps, w, reduction, return_counts)
+    out, counts = reduce_token_logps(token_logps, w, reduction, True)
+    values = {}
+    if "entropy" in stats:
+        lp = logp_all if entropy_grad else logp_all.detach()
+        p = lp.exp()
+        values["entropy"] = -torch.where(p > 0, p * lp, 0.0).sum(-1)
+    zd, lpd = z.detach(), logp_all.detach()
+    if "log_sum_sq_probs" in stats:
+        values["log_sum_sq_probs"] = torch.logsumexp(2 * lpd, -1)
+    if "mean_logits" in stats:
+        values["mean_logits"] = zd.mean(-1)
+    if "is_top1" in stats:
+        values["is_top1"] = (zd.argmax(-1) == safe).to(acc)
+    reduced = {}
+    for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"):
+        if name in values:
+            tok = torch.where(weights != 0, values[name] * w, 0.0)
+            reduced[name] = reduce_token_logps(tok, w, reduction, False)
+        else:
+            reduced[name] = None
+    return LogpsStats(out, counts, **reduced)
 
 
 def get_logps_from_hidden_reference(

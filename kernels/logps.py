@@ -55,12 +55,13 @@ def _transform(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _row_stats_kernel(
     x_ptr, labels_ptr, mask_ptr, idx_ptr, zy_ptr, m_ptr, logs_ptr, w_ptr,
+    pz_ptr, lq_ptr, sz_ptr, mb_ptr,
     R, V, shift, vocab_start, ignore_index, inv_temp, softcap,
     stride_xb, stride_xr, stride_xv,
     stride_lb, stride_lt,
     stride_mb, stride_mt,
     HAS_MASK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ROW_INDEX: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_ROW_INDEX: tl.constexpr, ACCUMULATE: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -82,44 +83,94 @@ def _row_stats_kernel(
 
     zero = w * 0.0
     if w != 0.0:
+        col = label - vocab_start
         # Running max m (block-wide) and lane-wise sums s: sum_lane s * exp(m) = sum exp(z).
         m = tl.full([], float("-inf"), ACC)
         s = tl.zeros([BLOCK_V], ACC)
+        if STATS:
+            # Lane-wise, beside s: u = sum e * (z - m) (entropy), q = sum e^2 (sum of p^2),
+            # sz = sum z (mean logit), mb = max z over the columns before the label (top-1).
+            u = tl.zeros([BLOCK_V], ACC)
+            q = tl.zeros([BLOCK_V], ACC)
+            sz = tl.zeros([BLOCK_V], ACC)
+            mb = tl.full([BLOCK_V], float("-inf"), ACC)
         # NUM_STAGES > 1: the next block's load is issued (cp.async into shared memory) while this
         # one is reduced, so more bytes are in flight per program.
         for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
+            zt = _transform(x, inv_temp, softcap, HAS_SOFTCAP)  # 0 at the padding (x = 0 there)
             # Re-mask after the transform: a softcap would map a -inf pad to -c, not -inf.
-            z = tl.where(inside, _transform(x, inv_temp, softcap, HAS_SOFTCAP), float("-inf"))
+            z = tl.where(inside, zt, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             # A block (or row prefix) of only -inf would give exp(-inf - -inf) = NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_ref) + tl.exp(z - m_ref)
+            alpha = tl.exp(m - m_ref)
+            d = z - m_ref
+            e = tl.exp(d)
+            if STATS:
+                # Move u from reference m to m_ref: sum e'(z - m_ref) = alpha (u + (m - m_ref) s).
+                shift_ref = tl.where(m == float("-inf"), 0.0, m - m_ref)
+                u = alpha * (u + shift_ref * s) + tl.where(e > 0.0, e * d, 0.0)
+                q = (alpha * alpha) * q + e * e
+                sz += zt
+                mb = tl.maximum(mb, tl.where(cols < col, z, float("-inf")))
+            s = s * alpha + e
             m = m_new
-        logs = tl.log(tl.sum(s, 0))
-        col = label - vocab_start
+        s_tot = tl.sum(s, 0)
+        logs = tl.log(s_tot)
         in_range = (col >= 0) & (col < V)
         xy = tl.load(x_row + col * stride_xv, mask=in_range, other=float("nan")).to(ACC)
         zy = _transform(xy, inv_temp, softcap, HAS_SOFTCAP)
+        if STATS:
+            # Relative to the row's own max: sum p (z - m) and log sum p^2 = log q - 2 log s.
+            pz = tl.sum(u, 0) / s_tot
+            lq = tl.log(tl.sum(q, 0)) - 2.0 * logs
+            szt = tl.sum(sz, 0)
+            mbt = tl.max(mb, 0)
         if ACCUMULATE:
             # Merge with the earlier chunks' (m, logs); the label's z lives in exactly one chunk.
             m_old = tl.load(m_ptr + flat).to(ACC)
             logs_old = tl.load(logs_ptr + flat).to(ACC)
             m_all = tl.maximum(m_old, m)
             m_all_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-            logs = tl.log(tl.exp(m_old - m_all_ref + logs_old) + tl.exp(m - m_all_ref + logs))
+            mass_old = tl.exp(m_old - m_all_ref + logs_old)
+            mass_new = tl.exp(m - m_all_ref + logs)
+            if STATS:
+                # Each chunk's share of the probability mass weighs its sum p (z - m) (moved to the
+                # merged max) and its sum p^2.
+                tot = mass_old + mass_new
+                pi_old = mass_old / tot
+                pi_new = mass_new / tot
+                pz_old = tl.load(pz_ptr + flat).to(ACC)
+                lq_old = tl.load(lq_ptr + flat).to(ACC)
+                pz = tl.where(pi_old > 0.0, pi_old * (pz_old + (m_old - m_all_ref)), 0.0) + \
+                    tl.where(pi_new > 0.0, pi_new * (pz + (m - m_all_ref)), 0.0)
+                lq = tl.log(pi_old * pi_old * tl.exp(lq_old) + pi_new * pi_new * tl.exp(lq))
+                szt += tl.load(sz_ptr + flat).to(ACC)
+                mbt = tl.maximum(mbt, tl.load(mb_ptr + flat).to(ACC))
+            logs = tl.log(mass_old + mass_new)
             m = m_all
             tl.store(zy_ptr + flat, zy, mask=in_range)
         else:
             tl.store(zy_ptr + flat, zy)
         tl.store(m_ptr + flat, m)
         tl.store(logs_ptr + flat, logs)
+        if STATS:
+            tl.store(pz_ptr + flat, pz)
+            tl.store(lq_ptr + flat, lq)
+            tl.store(sz_ptr + flat, szt)
+            tl.store(mb_ptr + flat, mbt)
     else:
         tl.store(zy_ptr + flat, zero)
         tl.store(m_ptr + flat, zero)
         tl.store(logs_ptr + flat, zero)
+        if STATS:
+            tl.store(pz_ptr + flat, zero)
+            tl.store(lq_ptr + flat, zero)
+            tl.store(sz_ptr + flat, zero)
+            tl.store(mb_ptr + flat, zero)
     tl.store(w_ptr + flat, w)
 
 
@@ -177,13 +228,19 @@ def _row_stats_rows_kernel(
 @triton.jit
 def _seq_reduce_kernel(
     zy_ptr, m_ptr, logs_ptr, w_ptr, labels_ptr, out_ptr, counts_ptr, bad_ptr,
-    R, V, shift, stride_lb, stride_lt,
-    REDUCTION: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+    pz_ptr, lq_ptr, sz_ptr, mb_ptr, ext_ptr,
+    R, V, shift, stride_lb, stride_lt, stride_ext,
+    REDUCTION: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     total = tl.zeros([BLOCK_R], ACC)
     count = tl.zeros([BLOCK_R], ACC)
     bad = tl.zeros([BLOCK_R], tl.int32)
+    if STATS:
+        t_ent = tl.zeros([BLOCK_R], ACC)
+        t_lq = tl.zeros([BLOCK_R], ACC)
+        t_mean = tl.zeros([BLOCK_R], ACC)
+        t_top = tl.zeros([BLOCK_R], ACC)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         inside = rr < R
@@ -192,19 +249,48 @@ def _seq_reduce_kernel(
         zy = tl.load(zy_ptr + o, mask=inside, other=0.0)
         m = tl.load(m_ptr + o, mask=inside, other=0.0)
         logs = tl.load(logs_ptr + o, mask=inside, other=0.0)
-        tok = tl.where(w != 0.0, w * ((zy - m) - logs), 0.0)
+        live = w != 0.0
+        tok = tl.where(live, w * ((zy - m) - logs), 0.0)
         if REDUCTION == 2:
             tl.store(out_ptr + o, tok, mask=inside)
         total += tok
         count += w
         label = tl.load(labels_ptr + b * stride_lb + (rr + shift) * stride_lt, mask=inside, other=0)
-        bad += ((w != 0.0) & ((label < 0) | (label >= V))).to(tl.int32)
+        bad += (live & ((label < 0) | (label >= V))).to(tl.int32)
+        if STATS:
+            pz = tl.load(pz_ptr + o, mask=inside, other=0.0)
+            # entropy = lse - sum p z = log s - sum p (z - m); top-1: the first maximum (argmax)
+            ent = tl.where(live, w * (logs - pz), 0.0)
+            lq = tl.where(live, w * tl.load(lq_ptr + o, mask=inside, other=0.0), 0.0)
+            mean = tl.where(live, w * (tl.load(sz_ptr + o, mask=inside, other=0.0) / V), 0.0)
+            mb = tl.load(mb_ptr + o, mask=inside, other=0.0)
+            top = tl.where(live & (zy >= m) & (zy > mb), w, 0.0)
+            if REDUCTION == 2:
+                tl.store(ext_ptr + o, ent, mask=inside)
+                tl.store(ext_ptr + stride_ext + o, lq, mask=inside)
+                tl.store(ext_ptr + 2 * stride_ext + o, mean, mask=inside)
+                tl.store(ext_ptr + 3 * stride_ext + o, top, mask=inside)
+            t_ent += ent
+            t_lq += lq
+            t_mean += mean
+            t_top += top
     t = tl.sum(total, 0)
     c = tl.sum(count, 0)
+    safe_c = tl.where(c != 0.0, c, 1.0)
     if REDUCTION == 1:
-        t = tl.where(c != 0.0, t / tl.where(c != 0.0, c, 1.0), 0.0)
+        t = tl.where(c != 0.0, t / safe_c, 0.0)
     if REDUCTION != 2:
         tl.store(out_ptr + b, t)
+        if STATS:
+            # "mean" divides by the count as the log-probs do (0 for an empty response)
+            if REDUCTION == 1:
+                scale = tl.where(c != 0.0, 1.0 / safe_c, 0.0)
+            else:
+                scale = tl.full([], 1.0, ACC)
+            tl.store(ext_ptr + b, tl.sum(t_ent, 0) * scale)
+            tl.store(ext_ptr + stride_ext + b, tl.sum(t_lq, 0) * scale)
+            tl.store(ext_ptr + 2 * stride_ext + b, tl.sum(t_mean, 0) * scale)
+            tl.store(ext_ptr + 3 * stride_ext + b, tl.sum(t_top, 0) * scale)
     tl.store(counts_ptr + b, c)
     tl.store(bad_ptr + b, tl.sum(bad, 0))
 
@@ -212,13 +298,15 @@ def _seq_reduce_kernel(
 @triton.jit
 def _row_grad_kernel(
     x_ptr, grad_ptr, labels_ptr, idx_ptr, m_ptr, logs_ptr, w_ptr, gout_ptr, counts_ptr,
+    pz_ptr, gent_ptr,
     R, rows_per_seq, V, shift, vocab_start, inv_temp, softcap,
     stride_xb, stride_xr, stride_xv,
     stride_gb, stride_gr, stride_gv,
     stride_lb, stride_lt,
     stride_ob, stride_or,
+    stride_eb, stride_er,
     HAS_SOFTCAP: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, REDUCTION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ENT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     if HAS_ROW_INDEX:
@@ -236,6 +324,7 @@ def _row_grad_kernel(
         x_row = x_ptr + b * stride_xb + r * stride_xr
         g_row = grad_ptr + b * stride_gb + r * stride_gr
     coef = tl.zeros([], ACC)
+    coef_h = tl.zeros([], ACC)  # the entropy's, with ENT_GRAD
     if r < R:
         w = tl.load(w_ptr + flat).to(ACC)
         # The weight gates the upstream read: a NaN upstream gradient must not reach prompt rows.
@@ -245,13 +334,23 @@ def _row_grad_kernel(
             else:
                 g = tl.load(gout_ptr + b * stride_ob).to(ACC)
             coef = g * w
+            if ENT_GRAD:
+                if REDUCTION == 2:
+                    gh = tl.load(gent_ptr + b * stride_eb + r * stride_er).to(ACC)
+                else:
+                    gh = tl.load(gent_ptr + b * stride_eb).to(ACC)
+                coef_h = gh * w
             if REDUCTION == 1:
                 c = tl.load(counts_ptr + b).to(ACC)
+                inv_c = tl.where(c != 0.0, 1.0 / tl.where(c != 0.0, c, 1.0), 0.0)
                 coef = tl.where(c != 0.0, coef / tl.where(c != 0.0, c, 1.0), 0.0)
-    if coef != 0.0:
+                coef_h = coef_h * inv_c
+    if (coef != 0.0) | (coef_h != 0.0):
         col_y = tl.load(labels_ptr + b * stride_lb + (r + shift) * stride_lt).to(tl.int64) - vocab_start
         m = tl.load(m_ptr + flat).to(ACC)
         logs = tl.load(logs_ptr + flat).to(ACC)
+        if ENT_GRAD:
+            ent = logs - tl.load(pz_ptr + flat).to(ACC)
         for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
@@ -264,8 +363,14 @@ def _row_grad_kernel(
             else:
                 z = x * inv_temp
                 dzdx = inv_temp
-            p = tl.exp((z - m) - logs)
-            dz = tl.where(cols == col_y, coef - coef * p, -coef * p)
+            lp = (z - m) - logs
+            p = tl.exp(lp)
+            if ENT_GRAD:
+                # dH/dz = -p (log p + H); p = 0 (z = -inf) contributes nothing
+                dz = tl.where(cols == col_y, coef, 0.0) - \
+                    p * (coef + tl.where(p > 0.0, coef_h * (lp + ent), 0.0))
+            else:
+                dz = tl.where(cols == col_y, coef - coef * p, -coef * p)
             tl.store(g_row + cols * stride_gv, (dz * dzdx).to(grad_ptr.dtype.element_ty), mask=inside)
     else:
         for v0 in range(0, V, BLOCK_V):
@@ -328,7 +433,9 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     x holds vocab ids [vocab_start, vocab_start + V) and is merged into stats from earlier chunks.
     Rows of weight 0 are not read; their stats are written as 0.
     """
-    zy, m, logs, w = stats
+    zy, m, logs, w = stats[:4]
+    has_stats = len(stats) > 4
+    ext = stats[4:] if has_stats else (zy,) * 4  # placeholder pointers, never read
     B, R = zy.shape
     V = x.shape[-1]
     n = row_index.numel() if row_index is not None else B * R
@@ -339,7 +446,7 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # zero-copy; the kernel loads bytes
     mask_arg = mask if mask is not None else labels  # placeholder pointer, never read
-    if _ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate:
+    if _ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate and not has_stats:
         rows_per = _ROWS
         _row_stats_rows_kernel[(triton.cdiv(n, rows_per),)](
             x, labels, mask_arg, zy, m, logs, w,
@@ -355,46 +462,54 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
         return
     idx_arg = row_index if row_index is not None else labels  # likewise
     _row_stats_kernel[(n,)](
-        x, labels, mask_arg, idx_arg, zy, m, logs, w,
+        x, labels, mask_arg, idx_arg, zy, m, logs, w, *ext,
         R, V, shift, vocab_start, ignore_index if ignore_index is not None else 0, inv_temp,
         softcap if softcap is not None else 1.0,
         x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
         HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
         HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None,
-        ACCUMULATE=accumulate, ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES,
-        num_warps=warps,
+        ACCUMULATE=accumulate, STATS=has_stats, ACC=_acc(x.dtype), BLOCK_V=block,
+        NUM_STAGES=_NUM_STAGES, num_warps=warps,
     )
 
 
 def seq_reduce(stats, labels, *, V, shift, reduction):
-    """(out, counts, bad) from stats (B, R): out is (B,) ("sum", "mean") or (B, R) ("none") per-token
-    log-probs; counts (B,) the weight sums; bad (B,) int32 the scored labels outside [0, V)."""
-    zy, m, logs, w = stats
+    """(out, counts, bad, ext) from stats (B, R): out is (B,) ("sum", "mean") or (B, R) ("none")
+    per-token log-probs; counts (B,) the weight sums; bad (B,) int32 the scored labels outside
+    [0, V). With the 8-row stats of a `stats` call, ext is (4, B) or (4, B, R): entropy,
+    log sum p^2, mean logit and top-1, reduced like out; else None."""
+    zy, m, logs, w = stats[:4]
+    has_stats = len(stats) > 4
     B, R = zy.shape
     code = REDUCTION_CODE[reduction]
-    out = torch.empty((B, R) if code == NONE else (B,), dtype=zy.dtype, device=zy.device)
+    shape = (B, R) if code == NONE else (B,)
+    out = torch.empty(shape, dtype=zy.dtype, device=zy.device)
     counts = torch.empty(B, dtype=zy.dtype, device=zy.device)
     bad = torch.empty(B, dtype=torch.int32, device=zy.device)
+    ext = torch.empty((4, *shape), dtype=zy.dtype, device=zy.device) if has_stats else None
     if B == 0:
-        return out, counts, bad
+        return out, counts, bad, ext
     block = min(_BLOCK_R, triton.next_power_of_2(max(R, 1)))
+    extra = stats[4:] if has_stats else (zy,) * 4  # placeholder pointers, never read
     _seq_reduce_kernel[(B,)](
-        zy, m, logs, w, labels, out, counts, bad, R, V, shift, *labels.stride(),
-        REDUCTION=code, ACC=_acc(zy.dtype), BLOCK_R=block, num_warps=4,
+        zy, m, logs, w, labels, out, counts, bad, *extra, ext if has_stats else out,
+        R, V, shift, *labels.stride(), out.numel(),
+        REDUCTION=code, STATS=has_stats, ACC=_acc(zy.dtype), BLOCK_R=block, num_warps=4,
     )
-    return out, counts, bad
+    return out, counts, bad, ext
 
 
 def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,
-             reduction, row_index=None):
+             reduction, row_index=None, grad_entropy=None):
     """Write the gradient of the reduced log-probs w.r.t. x into grad (same shape as x).
 
     x, grad: (B, Tx, V) with Tx >= R (rows past R are written as zeros), or with `row_index` a
     (1, M, V) block as in `row_stats`. grad_out: (B,) for "sum"/"mean", (B, R) for "none", any
     strides. grad may alias x (in-place backward): each element is read before it is written by
-    the same program.
+    the same program. grad_entropy (shaped like grad_out; needs the 8-row stats) adds the
+    gradient of the reduced entropy.
     """
-    _zy, m, logs, w = stats
+    _zy, m, logs, w = stats[:4]
     R = m.shape[1]
     B, Tx, V = x.shape
     n = row_index.numel() if row_index is not None else B * Tx
@@ -405,10 +520,14 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
     block, warps = launch_config(V)
     code = REDUCTION_CODE[reduction]
     so = grad_out.stride() if code == NONE else (grad_out.stride(0), 0)
+    ent = grad_entropy is not None
+    ge = grad_entropy if ent else grad_out  # placeholder pointer, never read
+    se = ge.stride() if code == NONE else (ge.stride(0), 0)
     _row_grad_kernel[(n,)](
         x, grad, labels, row_index if row_index is not None else labels, m, logs, w, grad_out,
-        counts, R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
-        *x.stride(), *grad.stride(), *labels.stride(), *so,
+        counts, stats[4] if ent else m, ge,
+        R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
+        *x.stride(), *grad.stride(), *labels.stride(), *so, *se,
         HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None, REDUCTION=code,
-        ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES, num_warps=warps,
+        ENT_GRAD=ent, ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES, num_warps=warps,
     )

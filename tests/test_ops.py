@@ -34,24 +34,29 @@ def _hidden_case(B=2, T=9, H=16, V=70, dtype=torch.float32, device="cpu", seed=0
 def test_opcheck_logits_ops(impl, reduction, device):
     logits, ids, mask = make_inputs(2, 7, 19, torch.float32, device)
     x = logits.requires_grad_(True)
-    args = (x, ids, mask, 1, None, 0.9, 5.0, reduction, impl)
-    torch.library.opcheck(logps_op, args)
-    out, counts, _bad, stats = logps_op(*args)
-    g = torch.randn(out.shape, device=device)
-    torch.library.opcheck(logps_backward_op,
-                          (g, logits.detach(), ids, stats, counts, 1, 0.9, 5.0, reduction, impl))
+    for with_stats in (False, True):
+        args = (x, ids, mask, 1, None, 0.9, 5.0, reduction, impl, with_stats, with_stats)
+        torch.library.opcheck(logps_op, args)
+        out, counts, _bad, stats, _ext = logps_op(*args)
+        g = torch.randn(out.shape, device=device)
+        ge = torch.randn(out.shape, device=device) if with_stats else None
+        torch.library.opcheck(logps_backward_op, (g, logits.detach(), ids, stats, counts, 1, 0.9,
+                                                  5.0, reduction, impl, ge))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_opcheck_hidden_ops(impl, device):
     h, w, b, ids, mask = _hidden_case(device=device)
-    args = (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), ids, mask, 1,
-            None, 1.0, None, "mean", impl, torch.float32, 32, True)
-    torch.library.opcheck(logps_from_hidden_op, args)
-    out, counts, _bad, stats = logps_from_hidden_op(*args)
-    bwd = (torch.randn(out.shape, device=device), h.detach(), w.detach(), b.detach(), ids, mask,
-           stats, counts, 1, None, 1.0, None, "mean", impl, torch.float32, 32, True, True, True, True)
-    torch.library.opcheck(logps_from_hidden_backward_op, bwd)
+    for with_stats in (False, True):
+        args = (h.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), ids, mask,
+                1, None, 1.0, None, "mean", impl, torch.float32, 32, True, with_stats, with_stats)
+        torch.library.opcheck(logps_from_hidden_op, args)
+        out, counts, _bad, stats, _ext = logps_from_hidden_op(*args)
+        ge = torch.randn(out.shape, device=device) if with_stats else None
+        bwd = (torch.randn(out.shape, device=device), h.detach(), w.detach(), b.detach(), ids,
+               mask, stats, counts, 1, None, 1.0, None, "mean", impl, torch.float32, 32, True, True,
+               True, True, ge)
+        torch.library.opcheck(logps_from_hidden_backward_op, bwd)
 
 
 @pytest.mark.parametrize("need", ["frozen-weight", "weight-only"])
@@ -60,11 +65,12 @@ def test_opcheck_hidden_backward_with_unneeded_gradients(need, device):
     and d_hidden is contiguous even for a transposed hidden, in the fake as in the real op."""
     h, w, _b, ids, mask = _hidden_case(device=device)
     h_t = h.transpose(0, 1).contiguous().transpose(0, 1)  # dense, not contiguous (seq-first)
-    out, counts, _bad, stats = logps_from_hidden_op(h_t, w, None, ids, mask, 1, None, 1.0, None,
-                                                    "sum", "torch", torch.float32, 32, True)
+    out, counts, _bad, stats, _ext = logps_from_hidden_op(h_t, w, None, ids, mask, 1, None, 1.0,
+                                                          None, "sum", "torch", torch.float32, 32,
+                                                          True, False, False)
     need_h, need_w = (True, False) if need == "frozen-weight" else (False, True)
     bwd = (torch.randn(out.shape, device=device), h_t, w, None, ids, mask, stats, counts, 1, None,
-           1.0, None, "sum", "torch", torch.float32, 32, True, need_h, need_w, False)
+           1.0, None, "sum", "torch", torch.float32, 32, True, need_h, need_w, False, None)
     torch.library.opcheck(logps_from_hidden_backward_op, bwd)
 
 
