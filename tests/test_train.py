@@ -80,7 +80,9 @@ def test_outputs_written(tmp_path):
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "grad_norm", "kl_estimate", "tokens_per_s",
-                "peak_mem_MiB"):
+                "peak_mem_MiB", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+                "eval/entropy", "eval/logits/chosen", "eval/logits/rejected",
+                "eval/mean_token_accuracy"):
         assert key in row
 
 
@@ -256,13 +258,13 @@ def test_logps_head_with_bias_under_bf16_autocast_matches_full_logits():
         model.lm_head.bias.copy_(torch.randn(len(TOK), generator=torch.Generator().manual_seed(0)) * 3)
     batch = collate(tokenize(ROWS[:3], TOK, 64).pairs, TOK.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused, counts = LogpsHead(model, "torch")(batch)
+        fused, counts = LogpsHead(model, "torch")(batch)[:2]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     eager = get_logps(logits.float(), batch["input_ids"], batch["response_mask"], impl="reference")
     torch.testing.assert_close(fused.float(), eager, rtol=2e-2, atol=0.5)
     model.lm_head.bias = None  # the bias matters far beyond that tolerance
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        no_bias, _ = LogpsHead(model, "torch")(batch)
+        no_bias = LogpsHead(model, "torch")(batch).logps
     assert (no_bias.float() - eager).abs().max() > 5.0
     assert counts.tolist() == batch["response_mask"][:, 1:].sum(-1).float().tolist()
 
@@ -330,10 +332,10 @@ def test_kl_estimate_is_k3_and_never_negative(tmp_path):
     t = make_trainer(tmp_path, reference="precomputed")
     t.precompute_reference()
     idx = list(range(8))
-    _, m0, _ = t._forward_loss(t.train_data, idx, "train", BCOState())
+    _, m0, _, _ = t._forward_loss(t.train_data, idx, "train", BCOState())
     assert float(m0["kl_estimate"]) == 0.0  # policy == reference
     t.ref_cache["train"] = t.ref_cache["train"] + 1.0  # the policy now sits 1 nat under the reference
-    _, m, _ = t._forward_loss(t.train_data, idx, "train", BCOState())
+    _, m, _, _ = t._forward_loss(t.train_data, idx, "train", BCOState())
     counts = torch.tensor([len(t.train_data.pairs[i][k]) for k in (1, 2) for i in idx], dtype=torch.float64)
     d = -1.0 / counts  # mean log-ratio per token, log(policy / reference)
     assert float(m["kl_estimate"]) == pytest.approx(float((torch.exp(d) - 1 - d).mean()), rel=1e-6)

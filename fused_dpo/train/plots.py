@@ -16,8 +16,10 @@ def plot_run(rows: list[dict], flags, path: Path) -> None:
         ("reward margin", ["rewards/margins", "eval/rewards/margins"]),
         ("preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
         ("log-probs", ["logps/chosen", "logps/rejected"]),
+        ("policy entropy (nats per response token)", ["entropy", "eval/entropy"]),
+        ("chosen tokens predicted top-1", ["mean_token_accuracy", "eval/mean_token_accuracy"]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10), sharex=True)
     for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
@@ -28,8 +30,9 @@ def plot_run(rows: list[dict], flags, path: Path) -> None:
             ax.axvline(f.step, color="red", ls="--", lw=0.8, alpha=0.7,
                        label=f"flag: {f.name}" if ax is axes.flat[0] and i < 6 else None)
         ax.set_title(title)
-        ax.legend(fontsize=7)
-    for ax in axes[1]:
+        if ax.get_legend_handles_labels()[0]:  # a run logged before a panel's metric existed
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.suptitle("fused_dpo training run" + (" (health flags in red)" if flags else ""))
     fig.tight_layout()

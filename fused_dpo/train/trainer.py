@@ -2,7 +2,8 @@
 
     for each step:  every eval_steps: held-out loss and accuracy of the current weights
                     batch of pairs -> [chosen; rejected] in one forward -> hidden states
-                    -> fused log-probs (no logits) -> DPO-family loss averaged over the batch
+                    -> fused log-probs and per-token statistics (no logits)
+                    -> DPO-family loss averaged over the batch
                     -> backward, clip, optimizer step -> metrics, health checks -> log, checkpoint
 
 One step counter: step k is the weights after k optimizer updates. The metrics row of step k holds
@@ -12,7 +13,7 @@ held-out evaluation; the checkpoint saved at step k holds them too. The last row
 
 Around the loop, in their own modules: the model adapter (`hf`), the checkpoint format and its
 fingerprints (`checkpoint`), the run directory (`rundir`), the learning-rate schedule (`schedule`)
-and the health checks (`health`).
+the health checks (`health`) and TRL's per-token metrics (`token_metrics`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .data import Tokenized, collate, tokenize
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
 from .schedule import lr_lambda
+from .token_metrics import STATS, averages, token_sums
 
 # LogpsHead lives in .hf; it stays importable from here (bench/train_step.py imports it so).
 __all__ = ["DPOTrainer", "LogpsHead"]
@@ -74,7 +76,9 @@ class DPOTrainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        self.policy_logps = LogpsHead(model, cfg.logps_impl)
+        # The policy's pass also yields TRL's per-token metrics (entropy, mean logit, top-1);
+        # the reference's needs only its log-probs.
+        self.policy_logps = LogpsHead(model, cfg.logps_impl, stats=STATS)
 
         self.ref_is_copy = False
         self.ref_cache: dict[str, torch.Tensor] = {}
@@ -176,7 +180,7 @@ class DPOTrainer:
             cached = self.ref_cache[split]  # (pairs, 2): chosen, rejected
             return torch.cat([cached[idx, 0], cached[idx, 1]]).to(self.device)
         with self._autocast():
-            return self.ref_logps(batch)[0].float()
+            return self.ref_logps(batch).logps.float()
 
     @torch.no_grad()
     def precompute_reference(self) -> None:
@@ -189,21 +193,23 @@ class DPOTrainer:
             for s in range(0, len(data.pairs), bs):
                 idx = list(range(s, min(s + bs, len(data.pairs))))
                 with self._autocast():
-                    lp = self.ref_logps(self._batch(data, idx))[0].float().cpu()
+                    lp = self.ref_logps(self._batch(data, idx)).logps.float().cpu()
                 out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx) :]
             self.ref_cache[split] = out
         self.ref_model = self.ref_logps = None
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_loss(self, data: Tokenized, idx: list[int], split: str, bco: BCOState):
-        """(mean loss over the pairs, metrics, per-pair reward margins (B,))."""
+        """(mean loss over the pairs, metrics, per-pair reward margins (B,), the token sums of
+        TRL's per-token metrics (see token_metrics), to be summed over batches and divided once)."""
         cfg = self.config
         batch = self._batch(data, idx)
         ref = self._reference(data, idx, batch, split)
         with self._autocast():
-            logps, counts = self.policy_logps(batch)
-        logps = logps.float()
+            out = self.policy_logps(batch)
+        logps, counts = out.logps.float(), out.counts
         B = len(idx)
+        tsums = token_sums(out, B)
         rc, rr = (ref[:B], ref[B:]) if ref is not None else (None, None)
         loss, metrics = dpo_loss(logps[:B], logps[B:], rc, rr, chosen_counts=counts[:B],
                                  rejected_counts=counts[B:], **self._loss_kwargs(bco))
@@ -229,7 +235,7 @@ class DPOTrainer:
                 # difference (the loss is only second-order in symmetric noise such as dropout).
                 u = (logps[:B] - rc) - (logps[B:] - rr)
                 metrics["rewards/margins_abs"] = (cfg.beta * u).abs().mean()
-        return loss, metrics, margins
+        return loss, metrics, margins, tsums
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer update; its metrics, or None when the step was skipped for a NaN/inf loss."""
@@ -239,10 +245,11 @@ class DPOTrainer:
             torch.cuda.reset_peak_memory_stats()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        tsums = 0.0
         finite = True
         for _ in range(cfg.gradient_accumulation_steps):
             idx = self._pair_indices(cfg.batch_size)
-            loss, m, _ = self._forward_loss(self.train_data, idx, "train", self.bco)
+            loss, m, _, ts = self._forward_loss(self.train_data, idx, "train", self.bco)
             if cfg.loss_reduction == "sum":
                 loss = loss * len(idx)
             if not torch.isfinite(loss):
@@ -251,6 +258,7 @@ class DPOTrainer:
             (loss / cfg.gradient_accumulation_steps).backward()
             for k, v in {"loss": loss.detach(), **m}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+            tsums = tsums + ts
         step = self.step
         self.step += 1
         if not finite:
@@ -265,7 +273,8 @@ class DPOTrainer:
         self.scheduler.step()
         secs = time.perf_counter() - t0
         tokens = sums.pop("tokens") * cfg.gradient_accumulation_steps
-        m = dict(step=step, **sums, grad_norm=float(grad_norm), lr=lr, tokens_per_s=tokens / secs,
+        m = dict(step=step, **sums, **averages(tsums), grad_norm=float(grad_norm), lr=lr,
+                 tokens_per_s=tokens / secs,
                  peak_mem_MiB=_peak_mem_mib(self.device),
                  epoch=self.position / len(self.train_data.pairs))
         flags = self.monitor.observe(step, m)
@@ -275,7 +284,8 @@ class DPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out preference accuracy (reward margin > 0), mean loss per pair and mean margin."""
+        """Held-out preference accuracy (reward margin > 0), mean loss per pair, mean margin, and
+        TRL's per-token metrics (eval/entropy, ...) token-weighted over the held-out set."""
         return self._evaluate()[0]
 
     def _evaluate(self) -> tuple[dict[str, float], int, int]:
@@ -286,10 +296,13 @@ class DPOTrainer:
         n = len(self.eval_data.pairs)
         loss_sum = margin_sum = 0.0
         right = wrong = 0
+        tsums = 0.0
         with torch.no_grad():
             for s in range(0, n, self.config.batch_size):
                 idx = list(range(s, min(s + self.config.batch_size, n)))
-                loss, _, margins = self._forward_loss(self.eval_data, idx, "eval", copy.deepcopy(self.bco))
+                loss, _, margins, ts = self._forward_loss(self.eval_data, idx, "eval",
+                                                          copy.deepcopy(self.bco))
+                tsums = tsums + ts
                 loss_sum += float(loss) * len(idx)
                 margin_sum += float(margins.double().sum())
                 right += int((margins > 0).sum())
@@ -297,7 +310,7 @@ class DPOTrainer:
         self.model.train()
         # Sums divided once: an accuracy of 160/160 reads 1.0, not 0.9999999999999999.
         return ({"eval/loss": loss_sum / n, "eval/rewards/accuracies": right / n,
-                 "eval/rewards/margins": margin_sum / n}, right, wrong)
+                 "eval/rewards/margins": margin_sum / n, **averages(tsums, "eval/")}, right, wrong)
 
     def _evaluate_and_check(self, step: int) -> dict:
         """The eval/* metrics of the current weights, with the flags they raise under "flags"."""
@@ -437,6 +450,13 @@ class DPOTrainer:
         if evals:
             extra.append(f"Held-out preference accuracy at step {evals[-1]['step']}: "
                          f"{evals[-1]['eval/rewards/accuracies']:.3f}.")
+        steps = [r for r in rows if "entropy" in r]  # absent from rows logged by older versions
+        if steps:
+            a, b = steps[0], steps[-1]
+            extra.append(f"Policy entropy per response token: {a['entropy']:.3f} nats at step "
+                         f"{a['step']}, {b['entropy']:.3f} at step {b['step']}; chosen tokens "
+                         f"predicted top-1: {a['mean_token_accuracy']:.3f}, "
+                         f"{b['mean_token_accuracy']:.3f}.")
         if stopped:
             extra.append(f"**Stopped:** {stopped}")
         atomic_write_text(self.out / "health.md", self.monitor.report(extra))
