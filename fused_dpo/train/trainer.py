@@ -12,7 +12,7 @@ held-out evaluation; the checkpoint saved at step k holds them too. The last row
 `total_steps()`, is the held-out evaluation of the final weights.
 
 Around the loop, in their own modules: the model adapter (`hf`), the checkpoint format and its
-fingerprints (`checkpoint`), the run directory (`rundir`), the learning-rate schedule (`schedule`)
+fingerprints (`checkpoint`), the run directory (`rundir`), the learning-rate schedule (`schedule`),
 the health checks (`health`) and TRL's per-token metrics (`token_metrics`).
 """
 
