@@ -4,7 +4,13 @@ Every row reports the median time (20th/80th percentiles beside it), peak memory
 the relative error of the per-sequence sums against float64, and the share of its roofline:
 memory-bound logits path -> GB/s and % of the measured copy rate over the floor bytes
 (response rows read twice, every row's gradient written once); hidden-state path -> TFLOP/s and %
-of the measured bf16 matmul rate over the work on response rows.
+of the measured bf16 matmul rate over the work on response rows. Rows whose provider computes an
+entropy (`+stats`, `+entropy_grad`, `trl_kernel`) add the relative error of its per-sequence sums
+against float64 (`ent_rel_err`); `extra_GiB` is the peak less the gradients the call returns. When
+the rows for it are there, issue 11's ratios are printed at the end beside their goals (stats and
+entropy gradient against the plain call, ours against TRL's kernels).
+
+A stage stopped by `timeout` (SIGTERM) still writes the rows measured so far.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import csv
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +62,10 @@ def _do_bench(fn, quantiles=(0.5, 0.2, 0.8), rep_ms=100):
         return do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(quantiles))
     import time
 
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+    # CPU: a smoke run, where one call shows the path works and its time means nothing
+    t0 = time.perf_counter()
+    fn()
+    return [(time.perf_counter() - t0) * 1e3] * len(quantiles)
 
 
 def _device_name() -> str:
@@ -120,6 +124,8 @@ def _time(fn, mode, inputs):
     for t in inputs:
         if isinstance(t, torch.Tensor):
             t.grad = None
+    if DEVICE != "cuda":  # no peak counter on the CPU: skip the extra call
+        return q, 0
     base = _reset_peak()
     run()
     _sync()
@@ -137,8 +143,8 @@ def bench_logits(shapes, providers, ceil, rows, modes):
         ids, mask, g = _inputs(B, T, V, torch.bfloat16)
         logits = (torch.randn(B, T, V, device=DEVICE, generator=g) * 2).to(torch.bfloat16)
         logits.requires_grad_(True)
-        truth = torch.cat([get_logps_reference(logits[b : b + 1].detach().double(), ids[b : b + 1],
-                                               mask[b : b + 1]) for b in range(B)])
+        truth = _stack_truth([get_logps_reference(logits[b : b + 1].detach().double(), ids[b : b + 1],
+                                                  mask[b : b + 1], stats=("entropy",)) for b in range(B)])
         resp_rows = float(mask[:, 1:].sum())
         floor_bytes = {
             "forward": resp_rows * V * 2,
@@ -161,9 +167,9 @@ def bench_hidden(shapes, providers, ceil, rows, modes):
         # The truth is the independent eager reference in float64 (one sequence at a time to bound
         # its (1, T, V) float64 logits), not the fused code under test run in float64.
         w64 = weight.detach().double()
-        truth = torch.cat([get_logps_from_hidden_reference(hidden[b : b + 1].detach().double(), w64,
-                                                           ids[b : b + 1], mask[b : b + 1])
-                           for b in range(B)])
+        truth = _stack_truth([get_logps_from_hidden_reference(hidden[b : b + 1].detach().double(), w64,
+                                                              ids[b : b + 1], mask[b : b + 1],
+                                                              stats=("entropy",)) for b in range(B)])
         del w64
         resp_rows = float(mask[:, 1:].sum())
         mm = 2 * resp_rows * H * V
@@ -173,11 +179,22 @@ def bench_hidden(shapes, providers, ceil, rows, modes):
         del hidden, weight
 
 
+def _stack_truth(outs):
+    """(log-prob sums, entropy sums) in float64 from one LogpsStats per sequence (computed one
+    sequence at a time to bound the float64 (1, T, V) tensors)."""
+    return torch.cat([o.logps for o in outs]), torch.cat([o.entropy for o in outs])
+
+
 def _run_providers(path, shape, providers, inputs, truth, modes, work, rate, unit, rows):
-    """Time every provider on one input set. `work[mode]` is the floor's bytes or flops and `rate`
-    the measured ceiling in the same unit per second; each row reports the achieved rate in `unit`
-    (GBps = 1e9 B/s, TFLOPs = 1e12 flop/s) and its share of the ceiling."""
+    """Time every provider on one input set. `truth` is the float64 (log-prob sums, entropy sums).
+    `work[mode]` is the floor's bytes or flops and `rate` the measured ceiling in the same unit per
+    second; each row reports the achieved rate in `unit` (GBps = 1e9 B/s, TFLOPs = 1e12 flop/s) and
+    its share of the ceiling."""
     scale = {"GBps": 1e9, "TFLOPs": 1e12}[unit]
+    truth, ent_truth = truth
+    # what every fwd+bwd must return: the inputs' gradients; extra_GiB is the peak beyond them
+    grad_bytes = sum(t.numel() * t.element_size() for t in inputs
+                     if isinstance(t, torch.Tensor) and t.requires_grad)
     for name, fn in providers.items():
         if fn is None:
             print(f"  {name}: not installed, skipped")
@@ -185,13 +202,17 @@ def _run_providers(path, shape, providers, inputs, truth, modes, work, rate, uni
         try:
             with torch.no_grad():
                 err = _rel_err(fn(*inputs), truth)
+                ent_fn = getattr(fn, "entropy", None)
+                ent = {"ent_rel_err": _rel_err(ent_fn(*inputs), ent_truth)} if ent_fn else {}
             for mode in modes:
                 (med, p20, p80), peak = _time(fn, mode, inputs)
                 achieved = work[mode] / (med * 1e-3)
+                grads = 0 if mode == "forward" or DEVICE != "cuda" else grad_bytes
                 rows.append(dict(path=path, shape=shape, provider=name, mode=mode, ms=med, p20=p20,
-                                 p80=p80, peak_GiB=peak / 2**30, floor_ms=work[mode] / rate * 1e3,
+                                 p80=p80, peak_GiB=peak / 2**30, extra_GiB=(peak - grads) / 2**30,
+                                 floor_ms=work[mode] / rate * 1e3,
                                  **{unit: achieved / scale}, pct_roofline=100 * achieved / rate,
-                                 rel_err=err))
+                                 rel_err=err, **ent))
                 _print_row(rows[-1])
         except torch.cuda.OutOfMemoryError:
             print(f"  {name} {shape}: out of memory")
@@ -203,10 +224,56 @@ def _run_providers(path, shape, providers, inputs, truth, modes, work, rate, uni
 
 def _print_row(r):
     rate = f"{r['GBps']:8.0f} GB/s" if "GBps" in r else f"{r['TFLOPs']:8.1f} TF/s"
-    print(f"{r['path']:<7}{r['shape']:<22}{r['provider']:<15}{r['mode']:<9}{r['ms']:9.3f} ms "
+    ent = f"  entropy rel.err {r['ent_rel_err']:.3e}" if "ent_rel_err" in r else ""
+    print(f"{r['path']:<7}{r['shape']:<22}{r['provider']:<26}{r['mode']:<9}{r['ms']:9.3f} ms "
           f"[{r['p20']:.3f}-{r['p80']:.3f}] {r['peak_GiB']:7.3f} GiB {rate} "
-          f"{r['pct_roofline']:5.1f}% roof (floor {r['floor_ms']:.3f} ms)  rel.err {r['rel_err']:.3e}",
+          f"{r['pct_roofline']:5.1f}% roof (floor {r['floor_ms']:.3f} ms)  rel.err {r['rel_err']:.3e}{ent}",
           flush=True)
+
+
+# Issue 11's goals for the entropy rows (GRPO/PPO): (numerator provider, denominator provider,
+# mode, column, goal, "<=" or ">=", what); the ratio is numerator / denominator of that column.
+# The TRL goal holds at 8x1024x128256 and 4x4096x151936; other shapes print the ratio alone.
+ENTROPY_GOALS = [
+    ("logits", "fused_triton+stats", "fused_triton", "forward", "ms", 1.05, "<=",
+     "forward with entropy, mean logit, top-1 / without"),
+    ("logits", "fused_triton+entropy_grad", "fused_triton", "fwd+bwd", "ms", 1.10, "<=",
+     "fwd+bwd with the entropy's gradient / without stats"),
+    ("logits", "trl_kernel+entropy_grad", "fused_triton+entropy_grad", "fwd+bwd", "ms", 2.0, ">=",
+     "TRL / ours, fwd+bwd with the entropy's gradient (speedup)"),
+    ("logits", "trl_kernel", "fused_triton+stats", "fwd+bwd", "ms", 2.0, ">=",
+     "TRL / ours, fwd+bwd with the entropy detached (speedup)"),
+    ("hidden", "fused_triton+stats", "fused_triton", "forward", "ms", 1.05, "<=",
+     "forward with entropy, mean logit, top-1 / without"),
+    ("hidden", "fused_triton+entropy_grad", "fused_triton", "fwd+bwd", "ms", 1.10, "<=",
+     "fwd+bwd with the entropy's gradient / without stats"),
+    ("hidden", "fused_triton+entropy_grad", "trl_chunked+entropy_grad", "fwd+bwd", "ms", None, "<=",
+     "ours / TRL time, fwd+bwd with the entropy's gradient"),
+    ("hidden", "fused_triton+entropy_grad", "trl_chunked+entropy_grad", "fwd+bwd", "extra_GiB", 0.5,
+     "<=", "ours / TRL extra memory beyond the gradients, same"),
+]
+TRL_GOAL_SHAPES = {"8x1024x128256", "4x4096x151936", "8x1024x4096x128256"}
+
+
+def entropy_goal_lines(rows) -> list[str]:
+    """Issue 11's ratios, one line per goal and shape whose two rows were measured."""
+    by = {(r["path"], r["shape"], r["provider"], r["mode"]): r for r in rows}
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for path, num, den, mode, col, goal, op, what in ENTROPY_GOALS:
+            a, b = by.get((path, shape, num, mode)), by.get((path, shape, den, mode))
+            if a is None or b is None:
+                continue
+            if b[col] <= 0:
+                lines.append(f"{path} {shape}: {what}: {num} {a[col]:.3f} / {den} {b[col]:.3f} ({col})")
+                continue
+            x = a[col] / b[col]
+            verdict = ""
+            if goal is not None and ("trl" not in num + den or shape in TRL_GOAL_SHAPES):
+                ok = x <= goal if op == "<=" else x >= goal
+                verdict = f"  {'ok' if ok else 'MISS'} (goal {op} {goal}x)"
+            lines.append(f"{path} {shape}: {what}: {x:.3f}x ({a[col]:.3f} / {b[col]:.3f} {col}){verdict}")
+    return lines
 
 
 def _write(rows, ceil, out: Path):
@@ -288,19 +355,39 @@ def main(argv=None) -> int:
     # In the order given: a time-boxed stage lists the rows that matter most first.
     pick = lambda d: dict(d) if want is None else {k: d[k] for k in want if k in d}
     given = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
-    if args.what in ("logits", "all"):
-        shapes = [s for s in given if len(s) == 3] or LOGITS_SHAPES
-        bench_logits(shapes, pick(logits_providers()), ceil, rows, modes)
-    if args.what == "sweep":
-        bench_logits(LOGITS_SWEEP, pick(logits_providers()), ceil, rows, modes)
-    if args.what in ("hidden", "all"):
-        shapes = [s for s in given if len(s) == 4] or HIDDEN_SHAPES
-        bench_hidden(shapes, pick(hidden_providers()), ceil, rows, modes)
+    # `timeout` sends SIGTERM: end the measurement there and still write what was measured
+    prev = signal.signal(signal.SIGTERM, _stop)
+    try:
+        if args.what in ("logits", "all"):
+            shapes = [s for s in given if len(s) == 3] or LOGITS_SHAPES
+            bench_logits(shapes, pick(logits_providers()), ceil, rows, modes)
+        if args.what == "sweep":
+            bench_logits(LOGITS_SWEEP, pick(logits_providers()), ceil, rows, modes)
+        if args.what in ("hidden", "all"):
+            shapes = [s for s in given if len(s) == 4] or HIDDEN_SHAPES
+            bench_hidden(shapes, pick(hidden_providers()), ceil, rows, modes)
+    except _Stopped:
+        print(f"stopped by SIGTERM (a stage timeout) after {len(rows)} rows; writing those")
+    finally:
+        signal.signal(signal.SIGTERM, prev)
     if not rows:
         print("no rows measured")
         return 1
+    goals = entropy_goal_lines(rows)
+    if goals:
+        print("issue 11 (entropy, GRPO/PPO): ratios of the rows above")
+        for line in goals:
+            print("  " + line)
     _write(rows, ceil, Path(args.out))
     return 0
+
+
+class _Stopped(BaseException):
+    """Not an Exception: a provider's `except Exception` must not swallow the stop."""
+
+
+def _stop(signum, frame):
+    raise _Stopped
 
 
 if __name__ == "__main__":

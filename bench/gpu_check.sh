@@ -4,10 +4,13 @@
 # `make gpu-wheels` filled it), then: the CUDA tests; issue 9's small-shape table with a sync per
 # call; the op checks (fullgraph torch.compile, CUDA-graph replay, fp32 master weight at
 # 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
-# Cut-CE and TRL's kernels; 3 vs 4 matmuls for the fused DPO loss; a sweep of the forward
+# Cut-CE and TRL's kernels, with issue 11's entropy rows in the same tables (stats and the
+# entropy's gradient beside the plain call and TRL's kernels; the bench prints the ratios against
+# their goals at the end of each); 3 vs 4 matmuls for the fused DPO loss; a sweep of the forward
 # variants (pipelined row loops, several rows per program); one DPO training step with a profile
-# of the fused step (issue 8). Every stage has its own timeout; they add up to 560 s, so the
-# script ends inside one 10-minute device call whatever happens.
+# of the fused step (issue 8). Every stage has its own timeout; they add up to 570 s, so the
+# script ends inside one 10-minute device call whatever happens (a bench stage stopped by its
+# timeout still writes the rows it measured).
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
 # small/small_shapes.csv, logits/results.csv, logits/logits.png, hidden/results.csv.
@@ -21,35 +24,39 @@ cd "$(dirname "$0")/.."
 stage() { echo; echo "== $* == $(date +%T)"; }
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-  timeout 30 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+  timeout 20 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null || true
   if ls .whl/*.whl >/dev/null 2>&1; then  # Liger-Kernel, Cut-CE, TRL brought by `make gpu-wheels`
-    timeout 15 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    timeout 10 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "no .whl/: Liger-Kernel, Cut-CE and TRL rows will be skipped (make gpu-wheels, carry .whl)"
   fi
 
   stage "CUDA tests"
-  timeout 75 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+  timeout 70 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
 
   stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
   timeout 35 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
 
   stage "op checks: fullgraph torch.compile, CUDA graph replay, fp32 master weight (8x1024x4096x128256)"
-  timeout 75 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
+  timeout 70 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
 
   stage "fused DPO loss from hidden states: 3 vs 4 matmuls, bf16 and fp32 weight (8x1024x4096x128256)"
   timeout 60 python3 -m bench.op_checks --only matmuls 2>&1
 
-  stage "logits path: the issue's three shapes"
-  timeout 85 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
-    --providers fused_triton,trl_kernel,liger_ce,eager,torch.compile --out "$OUT/logits" 2>&1
+  # +stats: entropy, mean logit, top-1 in the same pass (detached); +entropy_grad: the loss
+  # logps.sum() + 0.01 * entropy.sum(); trl_kernel computes the entropy always (detached here)
+  stage "logits path: the issue's three shapes, with entropy rows beside TRL's kernel (issue 11)"
+  timeout 105 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
+    --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_kernel,trl_kernel+entropy_grad,liger_ce,eager,torch.compile \
+    --out "$OUT/logits" 2>&1
 
-  stage "hidden-state path, bf16 weight"
-  timeout 50 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
-    --providers fused_triton,trl_chunked,cut_ce,eager --out "$OUT/hidden" 2>&1
+  stage "hidden-state path, bf16 weight, with entropy rows beside TRL's ChunkedLogProbFunction (issue 11)"
+  timeout 65 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
+    --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_chunked,trl_chunked+stats,trl_chunked+entropy_grad,cut_ce,eager \
+    --out "$OUT/hidden" 2>&1
 
   stage "forward variants, fused_triton (defaults, in the logits table: FUSED_DPO_STAGES=1, FUSED_DPO_ROWS=1)"
   sweep() {  # sweep NAME=VALUE SHAPES

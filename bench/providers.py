@@ -3,6 +3,13 @@
 
 Optional ones (Liger-Kernel, Cut Cross-Entropy, TRL 1.16's kernels) are None, and skipped with a
 note, when not installed.
+
+Rows with an entropy (issue 11: GRPO/PPO's per-token entropy, with or without an entropy bonus):
+`<name>+stats` computes the entropy, mean logit and top-1 in the same call (detached: the
+backward is the log-probs' alone), `<name>+entropy_grad` the same with a gradient through the
+entropy, as the loss logps.sum() + ENTROPY_COEF * entropy.sum() would ask. Each still returns the
+(B,) log-prob sums, so the bench's error column stays that of the log-probs, and carries
+`.entropy(*inputs)`, the (B,) entropy sums, for its entropy error column.
 """
 
 from __future__ import annotations
@@ -18,6 +25,30 @@ from fused_dpo.reference import get_logps_from_hidden_reference, get_logps_refer
 
 # TRL's fused_lm_head patch passes this vocabulary chunk (trl/trainer/utils.py, 1.16.0).
 TRL_CHUNK_SIZE = 32768
+# The statistics a GRPO/PPO trainer logs per token (TRL 1.16 logs these three), and the weight of
+# the entropy bonus in the "+entropy_grad" rows' loss.
+RL_STATS = ("entropy", "mean_logits", "is_top1")
+ENTROPY_COEF = 0.01
+
+
+def _with_entropy(call, entropy_grad: bool):
+    """A provider from `call(*inputs) -> ((B,) log-prob sums, thunk giving the (B,) entropy sums)`.
+
+    Its value is the log-prob sums, with nothing else run when the entropy is detached. With
+    `entropy_grad` its gradient is that of logps.sum() + ENTROPY_COEF * entropy.sum():
+    `entropy - entropy.detach()` is 0 in value and the entropy in gradient (a few (B,)-sized ops,
+    a few microseconds beside the B*T*V work). `.entropy(*inputs)` returns the entropy sums for
+    the bench's error check."""
+
+    def provider(*inputs):
+        logps, entropy = call(*inputs)
+        if not entropy_grad:
+            return logps
+        e = entropy()
+        return torch.add(logps, e - e.detach(), alpha=ENTROPY_COEF)
+
+    provider.entropy = lambda *inputs: call(*inputs)[1]()
+    return provider
 
 
 def _trl_row_loop(logits, ids, mask):
@@ -52,44 +83,66 @@ def trl_kernels():
     return k
 
 
-def trl_logits_provider():
+def trl_logits_provider(entropy_grad: bool = False):
     """TRL 1.16's `selective_log_softmax_and_entropy` kernel (log-probs and entropy in one pass) on
-    the shifted views, prompt rows skipped by its row mask, summed per sequence with the mask."""
+    the shifted views, prompt rows skipped by its row mask, summed per sequence with the mask.
+    The entropy is always computed; with entropy_grad it carries the bonus's gradient, else it is
+    dropped before the backward (the kernel then skips its entropy term)."""
     k = trl_kernels()
     fn = getattr(k, "selective_log_softmax_and_entropy", None) if k is not None else None
     if fn is None:
         return None
 
-    def trl_kernel(x, i, m):
-        lp, _entropy = fn(x[:, :-1], i[:, 1:], 1.0, m[:, 1:])
-        return (lp * m[:, 1:]).sum(-1)
+    def call(x, i, m):
+        lp, entropy = fn(x[:, :-1], i[:, 1:], 1.0, m[:, 1:])
+        w = m[:, 1:]
+        # the thunk runs for the entropy rows and the error check only: in the plain row the
+        # entropy reaches no loss, and TRL's backward skips its term
+        return (lp * w).sum(-1), lambda: (entropy * w).sum(-1)
 
-    return trl_kernel
+    return _with_entropy(call, entropy_grad)
 
 
-def trl_hidden_provider():
+def trl_hidden_provider(stats: bool = False, entropy_grad: bool = False):
     """TRL 1.16's `ChunkedLogProbFunction` as its fused_lm_head patch calls it: response rows
-    compacted (`hidden[:, :-1][mask]`), chunk 32768, log-probs only, scattered back and summed."""
+    compacted (`hidden[:, :-1][mask]`), chunk 32768, scattered back and summed. Log-probs only by
+    default; with `stats` also RL_STATS (its optional outputs of the same names), the entropy
+    with a gradient when `entropy_grad`."""
     k = trl_kernels()
     if k is None or not hasattr(k, "ChunkedLogProbFunction"):
         return None
     fn = k.ChunkedLogProbFunction
+    outputs = RL_STATS if stats else ()
 
-    def trl_chunked(h, w, i, m):
+    def call(h, w, i, m):
         mask = m[:, 1:] != 0
-        lp = fn.apply(h[:, :-1][mask], w, None, i[:, 1:][mask], 1.0, TRL_CHUNK_SIZE, None, 1.0,
-                      ("log_probs",))[0]
-        return lp.new_zeros(mask.shape).masked_scatter(mask, lp).sum(-1)
+        lp, entropy, *_ = fn.apply(h[:, :-1][mask], w, None, i[:, 1:][mask], 1.0, TRL_CHUNK_SIZE,
+                                   None, 1.0, outputs)
+        back = lambda t: t.new_zeros(mask.shape).masked_scatter(mask, t).sum(-1)
+        return back(lp), lambda: back(entropy)
 
-    return trl_chunked
+    provider = _with_entropy(call, entropy_grad)
+    if not stats:
+        del provider.entropy  # log-probs only
+    return provider
 
 
 def logits_providers() -> dict:
     # fused first: when a stage's time budget runs out, the rows that matter most are in.
+    def fused_stats(entropy_grad):
+        def call(x, i, m):
+            o = get_logps(x, i, m, impl="triton", validate=False, stats=RL_STATS, entropy_grad=entropy_grad)
+            return o.logps, lambda: o.entropy
+
+        return _with_entropy(call, entropy_grad)
+
     p = {
         "fused_triton": lambda x, i, m: get_logps(x, i, m, impl="triton", validate=False),
+        "fused_triton+stats": fused_stats(False),
+        "fused_triton+entropy_grad": fused_stats(True),
         "fused_torch": lambda x, i, m: get_logps(x, i, m, impl="torch", validate=False),
         "trl_kernel": trl_logits_provider(),
+        "trl_kernel+entropy_grad": trl_logits_provider(entropy_grad=True),
         "eager": lambda x, i, m: get_logps_reference(x, i, m),
         "torch.compile": torch.compile(lambda x, i, m: get_logps_reference(x, i, m)),
         "trl_row_loop": _trl_row_loop,
@@ -114,11 +167,22 @@ def logits_providers() -> dict:
 
 
 def hidden_providers() -> dict:
+    def fused_stats(entropy_grad):
+        def call(h, w, i, m):
+            o = get_logps_from_hidden(h, w, i, m, impl="triton", stats=RL_STATS, entropy_grad=entropy_grad)
+            return o.logps, lambda: o.entropy
+
+        return _with_entropy(call, entropy_grad)
+
     p = {
         "fused_triton": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, impl="triton"),
+        "fused_triton+stats": fused_stats(False),
+        "fused_triton+entropy_grad": fused_stats(True),
         "fused_torch": lambda h, w, i, m: get_logps_from_hidden(h, w, i, m, impl="torch"),
         "eager": lambda h, w, i, m: get_logps_from_hidden_reference(h, w, i, m),
         "trl_chunked": trl_hidden_provider(),
+        "trl_chunked+stats": trl_hidden_provider(stats=True),
+        "trl_chunked+entropy_grad": trl_hidden_provider(stats=True, entropy_grad=True),
     }
     try:
         from cut_cross_entropy import linear_cross_entropy

@@ -7,6 +7,8 @@ off, so `fused_triton` needs CUDA tensors and a `--device cpu` run would lose it
 
 import csv
 
+import pytest
+
 from bench.__main__ import main
 
 
@@ -81,3 +83,63 @@ def test_cpu_proxies_counts(capsys):
     assert r["fwd_ops"] > 0 and r["bwd_ops"] > 0
     assert "_local_scalar_dense" not in r["fwd_op_names"]  # validate=False: no host sync
     assert proxies.main(["--shape", "2x16x64", "--reps", "2", "--impls", "torch"]) == 0
+
+
+def test_bench_entropy_rows_and_goals(tmp_path, device, capsys):
+    """Issue 11's rows: ours with stats / with the entropy's gradient beside TRL's kernels, the
+    entropy error column, extra memory, and the goal ratios printed at the end."""
+    pytest.importorskip("trl")  # in the test extra; the guard only serves a checkout without it
+    from bench.__main__ import ENTROPY_GOALS
+
+    ours = ("fused_triton", "fused_triton+stats", "fused_triton+entropy_grad")
+    trl = {"logits": ("trl_kernel", "trl_kernel+entropy_grad"),
+           "hidden": ("trl_chunked+stats", "trl_chunked+entropy_grad")}
+    rc = main(["all", "--device", device, "--quick", "--shapes", "2x16x64,2x16x8x64", "--providers",
+               ",".join(ours + trl["logits"] + trl["hidden"]), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    got = {(r["path"], r["provider"], r["mode"]): r for r in rows}
+    for path in ("logits", "hidden"):
+        for p in ours + trl[path]:
+            for mode in ("forward", "fwd+bwd"):
+                r = got[(path, p, mode)]
+                assert float(r["rel_err"]) < (1e-5 if path == "logits" else 1e-3), r
+                assert r["extra_GiB"] != "", r
+                if p != "fused_triton":  # every row that computes an entropy checks it
+                    assert float(r["ent_rel_err"]) < (1e-5 if path == "logits" else 1e-3), r
+    assert got[("logits", "fused_triton", "forward")]["ent_rel_err"] == ""
+    # one ratio line per goal, in order (one shape per path here)
+    goals = out.split("issue 11 (entropy, GRPO/PPO): ratios of the rows above\n")[1]
+    lines = [line for line in goals.splitlines() if line.startswith("  ")]
+    assert len(lines) == len(ENTROPY_GOALS), goals
+    for line, (path, _num, _den, _mode, _col, _goal, _op, what) in zip(lines, ENTROPY_GOALS, strict=True):
+        assert line.startswith(f"  {path} 2x16x") and what in line, line
+
+
+def test_bench_stopped_by_sigterm_writes_rows(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh's `timeout` sends SIGTERM: the rows measured before it still land in the CSV."""
+    import os
+    import signal
+
+    import bench.__main__ as bm
+
+    time_row, calls = bm._time, []
+
+    def killed_at_third(*args, **kwargs):  # inside the second provider's try block
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return time_row(*args, **kwargs)
+
+    monkeypatch.setattr(bm, "_time", killed_at_third)
+    handler = signal.getsignal(signal.SIGTERM)
+    rc = main(["all", "--device", "cpu", "--quick", "--shapes", "2x16x64,2x16x8x64", "--providers",
+               "fused_torch,eager", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM" in out and "FAILED" not in out, out
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["path"], r["provider"], r["mode"]) for r in rows] == [
+        ("logits", "fused_torch", "forward"), ("logits", "fused_torch", "fwd+bwd")]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
