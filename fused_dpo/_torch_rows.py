@@ -108,7 +108,9 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
                 pi_new = mass_new / (mass_old + mass_new)
                 pz_c = torch.where(pi_old > 0, pi_old * (pz[flat] + (m_old - ref)), 0.0) + \
                     torch.where(pi_new > 0, pi_new * (pz_c + (mc - ref)), 0.0)
-                lq_c = torch.log(pi_old.square() * lq[flat].exp() + pi_new.square() * lq_c.exp())
+                # (a chunk of only -inf logits has share 0 and an undefined lq: it adds nothing)
+                lq_c = torch.log(torch.where(pi_old > 0, pi_old.square() * lq[flat].exp(), 0.0)
+                                 + torch.where(pi_new > 0, pi_new.square() * lq_c.exp(), 0.0))
                 sz_c = sz_c + sz[flat]
                 mb_c = torch.maximum(mb_c, mb[flat])
             logs_c = torch.log(mass_old + mass_new)

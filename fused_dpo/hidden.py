@@ -332,7 +332,6 @@ class _HiddenLogps(torch.autograd.Function):
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
                                       *ctx.args, need_h, need_w, need_b, idx=ctx.idx,
                                       grad_entropy=ge)
-        ctx.idx = None
         return (dh, dW, db) + (None,) * 13
 
 

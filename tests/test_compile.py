@@ -69,21 +69,26 @@ WEIGHTS = [dict(HAS_MASK=True, HAS_IGNORE=False), dict(HAS_MASK=False, HAS_IGNOR
 # (HAS_ROW_INDEX, ACCUMULATE): the logits path; the hidden path's first and later vocab chunks,
 # compacted; its later chunks under CUDA graph capture (no compaction).
 HIDDEN = [(False, False), (True, False), (True, True), (False, True)]
-STATS = [dict(w, HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, ACCUMULATE=a)
-         for w, c, (ri, a) in itertools.product(WEIGHTS, [False, True], HIDDEN)]
-GRAD = [dict(HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, REDUCTION=red)
-        for c, ri, red in itertools.product([False, True], [False, True], [K.SUM, K.MEAN, K.NONE])]
-REDUCE = [dict(REDUCTION=red) for red in (K.SUM, K.MEAN, K.NONE)]
+# STATS: entropy, sum p^2, mean logit and top-1 accumulated beside the log-sum-exp (one weight
+# convention suffices: the weights are scalar code before the loop).
+ROW_STATS = [dict(w, HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, ACCUMULATE=a, STATS=st)
+             for w, c, (ri, a), st in itertools.product(WEIGHTS, [False, True], HIDDEN, [False, True])
+             if not st or w is WEIGHTS[0]]
+GRAD = [dict(HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, REDUCTION=red, ENT_GRAD=eg)
+        for c, ri, red, eg in itertools.product([False, True], [False, True],
+                                                [K.SUM, K.MEAN, K.NONE], [False, True])]
+REDUCE = [dict(REDUCTION=red, STATS=st) for red in (K.SUM, K.MEAN, K.NONE) for st in (False, True)]
 
 
 def _cases():
     cases = []
-    for fn, flag_list in ((K._row_stats_kernel, STATS), (K._row_grad_kernel, GRAD)):
+    for fn, flag_list in ((K._row_stats_kernel, ROW_STATS), (K._row_grad_kernel, GRAD)):
         for flags, elem, block, cc in itertools.product(flag_list, ("bf16", "fp16", "fp32", "fp64"),
                                                         BLOCKS, (90, 80)):
             # sm_80 and the small block: the plain variants only (the flags change scalar code,
             # not the row loop, which the sm_90 / 4096 cases cover for every flag).
             plain = not flags.get("HAS_ROW_INDEX") and flags.get("REDUCTION", K.SUM) == K.SUM
+            plain = plain and not flags.get("STATS") and not flags.get("ENT_GRAD")
             if (cc == 80 or block[0] < 1024) and not plain:
                 continue
             cases.append((fn, flags, elem, block, cc))
@@ -97,7 +102,7 @@ def _cases():
         cases.append((K._row_stats_rows_kernel, dict(flags, ROWS=rows), elem,
                       (block // rows, K.ROWS_WARPS), cc))
     # Software-pipelined row loops (FUSED_DPO_STAGES, swept on the GPU): the plain configurations.
-    for fn, flags in ((K._row_stats_kernel, STATS[0]), (K._row_grad_kernel, GRAD[0])):
+    for fn, flags in ((K._row_stats_kernel, ROW_STATS[0]), (K._row_grad_kernel, GRAD[0])):
         for stages, elem, cc in itertools.product((2, 3), ("bf16", "fp32"), (90, 80)):
             cases.append((fn, dict(flags, NUM_STAGES=stages), elem, max(BLOCKS), cc))
     return cases

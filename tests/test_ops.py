@@ -209,6 +209,21 @@ def test_dispatch_and_launch_counts_per_call(stub_launches, mask_kind, device):
     assert sorted(bwd.ops) == ["detach", "empty", "unbind"], bwd.ops
 
 
+def test_statistics_add_no_launch(stub_launches, device):
+    """stats= and the entropy's gradient ride in the same kernels: still two launches forward and
+    one backward, and the forward allocates only the statistics bundle and the outputs."""
+    logits, ids, mask = make_inputs(2, 9, 50, torch.bfloat16, device)
+    x = logits.requires_grad_(True)
+    with _CountOps() as fwd:
+        out = get_logps(x, ids, mask, impl="triton", validate=False, reduction="mean",
+                        stats=("entropy", "is_top1"), entropy_grad=True)
+    assert stub_launches == ["_row_stats_kernel", "_seq_reduce_kernel"]
+    assert fwd.ops.count("empty") == 5, fwd.ops  # stats, out, counts, bad, the (4, B) statistics
+    stub_launches.clear()
+    (out.logps.sum() + out.entropy.sum()).backward()
+    assert stub_launches == ["_row_grad_kernel"]
+
+
 # ---- mixed precision on the hidden path -----------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
