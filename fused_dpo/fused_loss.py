@@ -111,9 +111,17 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
                                loss_kwargs):
     o = {k: p.default for k, p in _LOSS_OPTIONS.items()} | loss_kwargs
     types = [o["loss_type"]] if isinstance(o["loss_type"], str) else list(o["loss_type"])
-    if "bco_pair" in types:
-        raise ValueError("grad_in_forward needs a loss whose gradient for a pair depends on that "
-                         "pair alone; bco_pair couples the batch through its running mean")
+    coupled = {"bco_pair": "couples the batch through its running mean",
+               "aot": "sorts the batch's log-ratios", "aot_unpaired": "sorts the batch's log-ratios"}
+    for t in types:
+        if t in coupled:
+            raise ValueError(f"grad_in_forward needs a loss whose gradient for a pair depends on "
+                             f"that pair alone; {t} {coupled[t]}")
+    for name in ("ld_alpha", "use_weighting"):
+        if o.get(name) not in (None, False):
+            raise ValueError(f"grad_in_forward does not support {name}: it needs per-token inputs "
+                             "(prefix log-probs, log sum p^2) that this path does not compute; "
+                             "use grad_in_forward=False")
     if o["reduction"] != "mean":
         raise ValueError(f"grad_in_forward returns a scalar loss: reduction must be 'mean', "
                          f"got {o['reduction']!r}")

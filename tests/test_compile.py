@@ -93,7 +93,8 @@ def _cases():
                 continue
             cases.append((fn, flags, elem, block, cc))
     for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
-        cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, 4), cc))
+        cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, K.REDUCE_WARPS[flags["STATS"]]),
+                      cc))
     # Several rows per program (FUSED_DPO_ROWS, the logits forward for V <= 32768).
     for flags, rows, elem, cc in itertools.product(
             [dict(w, HAS_SOFTCAP=c) for w, c in itertools.product(WEIGHTS, [False, True])],

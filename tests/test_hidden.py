@@ -237,8 +237,12 @@ def test_grad_in_forward_refuses_coupled_losses():
     w = torch.randn(9, 4)
     ids = torch.randint(0, 9, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.bool)
-    with pytest.raises(ValueError, match="bco_pair"):
-        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), loss_type="bco_pair",
+    for coupled in ("bco_pair", "aot", "aot_unpaired"):  # aot: wrong gradients before the check
+        with pytest.raises(ValueError, match=coupled):
+            dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), loss_type=coupled,
+                                 grad_in_forward=True)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), ld_alpha=0.5,
                              grad_in_forward=True)
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), reduction="none",
