@@ -91,6 +91,8 @@ def _cases():
             plain = plain and not flags.get("STATS") and not flags.get("ENT_GRAD")
             if (cc == 80 or block[0] < 1024) and not plain:
                 continue
+            if flags.get("STATS"):
+                block = (block[0], K.stats_warps(*block))
             cases.append((fn, flags, elem, block, cc))
     for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
         cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, K.REDUCE_WARPS[flags["STATS"]]),
