@@ -390,3 +390,30 @@ def test_config_file_types_are_checked(tmp_path, toml, text):
     (tmp_path / "c.toml").write_text(toml + "\n")
     with pytest.raises(ValueError, match=text):
         DPOConfig.from_file(tmp_path / "c.toml")
+
+
+# -- mixed precision (issue 12) -----------------------------------------------------------------
+
+def test_bf16_takes_the_hidden_path_with_fp32_master_weights(tmp_path, monkeypatch):
+    import fused_dpo.train.hf as hf
+
+    seen = []
+    real = hf.get_logps_from_hidden
+
+    def spy(hidden, weight, *args, **kw):
+        seen.append((weight.dtype, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        return real(hidden, weight, *args, **kw)
+
+    monkeypatch.setattr(hf, "get_logps_from_hidden", spy)
+    kw = dict(rows=ROWS[:48], eval_rows=None, batch_size=8, max_steps=3, learning_rate=1e-2)
+    t = make_trainer(tmp_path / "bf16", precision="bf16", **kw)
+    bf16 = [t.train_step()["loss"] for _ in range(3)]
+    # Policy and reference, every pass: the fp32 head weight itself, under bf16 autocast.
+    assert len(seen) == 6 and set(seen) == {(torch.float32, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in t.model.parameters())
+    # Policy and reference run the same bf16 computation: the margin is exactly 0 at step 0.
+    assert abs(bf16[0] - math.log(2)) < 1e-6
+    t32 = make_trainer(tmp_path / "fp32", **kw)
+    fp32 = [t32.train_step()["loss"] for _ in range(3)]
+    assert all(math.isfinite(x) for x in bf16)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=2e-2)  # bf16 did run, and stays close

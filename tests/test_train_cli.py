@@ -2,6 +2,7 @@
 `error: ...` line on stderr with exit code 2 and nothing written; data errors name the file and
 line; the rough edges of the command line."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -55,7 +56,15 @@ def test_config_file_errors(tmp_path, capsys, name, content, text):
     (["--loss-type", "sigmoid,sft", "--loss-weights", "1,-0.5"], "loss_weights must be finite numbers"),
     (["--beta", "abc"], "argument --beta: expected a number, got 'abc'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-], ids=["clip-neg", "clip-zero", "lr-neg", "gamma-nan", "weights-neg", "beta-word", "unknown"])
+    (["--lora-r", "0"], "lora_r must be an integer >= 1 (the adapters' rank), or none"),
+    (["--lora-alpha", "16"], "lora_alpha set but lora_r is none (LoRA off): set lora_r"),
+    (["--lora-r", "4", "--lora-target-modules", ""], "lora_target_modules must name at least one layer"),
+    pytest.param(["--lora-r", "4", "--lora-target-modules", "q_proj,qproj"],
+                 "LlamaForCausalLM has no linear layer named qproj; its linear layers are down_proj,",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                          reason="peft not installed")),
+], ids=["clip-neg", "clip-zero", "lr-neg", "gamma-nan", "weights-neg", "beta-word", "unknown",
+        "lora-r0", "lora-alpha-alone", "lora-targets-empty", "lora-target-typo"])
 def test_flag_errors(tmp_path, capsys, flags, text):
     out = tmp_path / "run"
     assert train(flags + ["--output-dir", str(out)]) == 2

@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, reading one back with a clear error, and the fingerprints that tie a
 checkpoint to its configuration, its data and its reference model.
 
-A checkpoint holds what cannot be rebuilt: the policy weights, the optimizer and scheduler state,
+A checkpoint holds what cannot be rebuilt: the policy weights (under LoRA only the adapters: the
+frozen base weights are rebuilt and checked against their fingerprint), the optimizer and scheduler state,
 the step and the position in the data stream, the RNG states, the health monitor and BCO state,
 the precomputed reference log-probs (reference="precomputed"), the config, the run id and the
 fingerprints. It does not hold a frozen reference model: that is rebuilt from its source (a copy of
@@ -89,10 +90,13 @@ def data_fingerprint(*splits) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """Of a model's state: names, dtypes, shapes and bytes."""
+def weights_fingerprint(module: torch.nn.Module, skip: str | None = None) -> str:
+    """Of a model's state: names, dtypes, shapes and bytes; without the tensors whose name holds
+    `skip` ("lora_": the base weights under LoRA adapters)."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
+        if skip is not None and skip in name:
+            continue
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -115,14 +119,24 @@ def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_
                          f"run.json says {run['run_id']}): start again with --overwrite")
     allowed, refused = config_changes(s["config"], config)
     if refused:
+        why = ""
+        if any(k.startswith("lora_") for k in refused):
+            held = "LoRA adapters of that shape" if s["config"].get("lora_r") else "full weights"
+            into = "full fine-tuning" if config.get("lora_r") is None else "other LoRA adapters"
+            why = f" (the checkpoint holds {held}, which cannot continue as {into})"
         raise ValueError(f"--resume: the configuration differs from the checkpoint's in "
-                         f"{describe_changes(refused)}; only {', '.join(RESUMABLE_CHANGES)} may change")
+                         f"{describe_changes(refused)}{why}; only {', '.join(RESUMABLE_CHANGES)} may change")
     saved = s["fingerprints"]
     sources = ", ".join(f"--{k} {v}" for k, v in run["sources"].items()) or "sources not recorded"
     if saved["data"] != fingerprints["data"]:
         raise ValueError(f"--resume: the data differs from the run's (fingerprint {fingerprints['data']}, "
                          f"checkpoint {saved['data']}; the run used {sources}): resume with the same "
                          f"data, tokenizer and max_length")
+    if saved.get("base") != fingerprints.get("base"):
+        raise ValueError(f"--resume: the base model under the LoRA adapters differs from the run's "
+                         f"(weights fingerprint {fingerprints.get('base')}, checkpoint {saved.get('base')}; "
+                         f"the run used {sources}); the checkpoint holds only the adapters: build the "
+                         f"model the same way")
     if check_reference and saved["reference"] != fingerprints["reference"]:
         raise ValueError(f"--resume: the reference model differs from the run's (weights fingerprint "
                          f"{fingerprints['reference']}, checkpoint {saved['reference']}); it is "

@@ -45,6 +45,11 @@ class DPOConfig:
     disable_dropout: bool = True
     reference: str = "model"  # model | precomputed | none
     logps_impl: str = "auto"  # fused_dpo impl for the log-probs
+    # LoRA (peft): adapters of rank lora_r on the lora_target_modules layers, scaled by
+    # lora_alpha / lora_r; the reference is the same model with its adapters off. None: full FT.
+    lora_r: int | None = None
+    lora_alpha: float | None = None  # None: 2 * lora_r
+    lora_target_modules: list[str] | None = None  # None: peft's default for the model type
     # health
     max_bad_steps: int = 3  # consecutive NaN/inf losses before training stops
     # outputs
@@ -90,8 +95,35 @@ class DPOConfig:
                              f"{REFERENCE_FREE}, not {self.loss_type}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        self._validate_lora()
         if not self.output_dir.strip():
             raise ValueError("output_dir must not be empty (it would write into the current directory)")
+
+    def _validate_lora(self) -> None:
+        if self.lora_r is None:
+            given = [k for k in ("lora_alpha", "lora_target_modules") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} set but lora_r is none (LoRA off): set lora_r "
+                                 f"to train LoRA adapters")
+            return
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be an integer >= 1 (the adapters' rank), or none for full "
+                             f"fine-tuning; got {self.lora_r!r}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        targets = self.lora_target_modules
+        if targets is not None and (not targets or not all(t.strip() for t in targets)):
+            raise ValueError(f"lora_target_modules must name at least one layer (e.g. q_proj,v_proj), "
+                             f"got {targets!r}")
+        if targets is not None and len(targets) > 1 and ALL_LINEAR in targets:
+            raise ValueError(f"lora_target_modules: {ALL_LINEAR} stands alone, got {targets!r}")
+
+    @property
+    def lora_scale_alpha(self) -> float | None:
+        """lora_alpha as used: its default is 2 * lora_r; None without LoRA."""
+        if self.lora_r is None:
+            return None
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
 
     @property
     def effective_batch_size(self) -> int:
@@ -119,6 +151,8 @@ CHOICES = {
     "truncation_side": ("left", "right"), "precision": ("fp32", "bf16", "fp16"),
     "reference": ("model", "precomputed", "none"), "logps_impl": IMPLS,
 }
+
+ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head
 
 # Fields that may change when a run is resumed: how long it runs and how often it logs, evaluates
 # and saves, and where its directory lives. Every other field shapes the trajectory.

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..losses import REFERENCE_FREE, BCOState, dpo_loss
-from . import rundir
+from . import lora, rundir
 from .checkpoint import (
     CKPT,
     FORMAT,
@@ -46,6 +46,7 @@ from .config import DPOConfig
 from .data import Tokenized, collate, tokenize
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
+from .memory import model_state_bytes
 from .schedule import lr_lambda
 from .token_metrics import STATS, averages, token_sums
 
@@ -74,33 +75,66 @@ class DPOTrainer:
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name warns); non-reentrant by default, so frozen
+            # embeddings under LoRA still pass gradients to the adapters.
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        if lora.is_peft_model(model):
+            raise ValueError(f"the model is a peft {type(model).__name__}: pass the plain transformers "
+                             f"model and set lora_r (--lora-r) to train LoRA adapters")
+        self.lora = cfg.lora_r is not None
+        if self.lora:
+            model = self.model = lora.apply_lora(model, cfg.lora_r, cfg.lora_scale_alpha,
+                                                 cfg.lora_target_modules, cfg.seed)
         model.train()
         # The policy's pass also yields TRL's per-token metrics (entropy, mean logit, top-1);
-        # the reference's needs only its log-probs.
-        self.policy_logps = LogpsHead(model, cfg.logps_impl, stats=STATS)
+        # the reference's needs only its log-probs. Under LoRA the heads read the transformers
+        # model inside peft's wrapper, adapters and all.
+        hf_model = model.get_base_model() if self.lora else model
+        self.policy_logps = LogpsHead(hf_model, cfg.logps_impl, stats=STATS)
 
+        # ref_is_copy: the reference equals the initial policy (a copy of it, or under LoRA the
+        # same model with its adapters off: lora_B starts at 0).
         self.ref_is_copy = False
         self.ref_cache: dict[str, torch.Tensor] = {}
         self.ref_model = self.ref_logps = None
-        if cfg.reference != "none":
+        if cfg.reference != "none" and self.lora and ref_model is None:
+            # The policy's own base weights, not a second copy of them.
+            self.ref_model, self.ref_is_copy = model, True
+            self.ref_logps = lora.ReferenceLogps(model, cfg.logps_impl)
+        elif cfg.reference != "none":
             if ref_model is None:
                 ref_model, self.ref_is_copy = copy.deepcopy(model), True
             if cfg.disable_dropout:
                 disable_dropout(ref_model)
             self.ref_model = ref_model.eval().requires_grad_(False)
-            self.ref_logps = LogpsHead(self.ref_model, cfg.logps_impl)
+            ref_head = ref_model.get_base_model() if lora.is_peft_model(ref_model) else ref_model
+            self.ref_logps = LogpsHead(ref_head, cfg.logps_impl,
+                                       warn=not (self.ref_is_copy and self.policy_logps.fallback))
         # Not saved in checkpoints: rebuilt from its source on resume and checked against this.
         self.ref_source = ("none" if self.ref_model is None else
+                           "the policy with its LoRA adapters disabled" if self.ref_model is model else
                            "a frozen copy of the initial policy" if self.ref_is_copy else
                            "the model passed as ref_model")
+        # A LoRA checkpoint holds only the adapters: the base weights under them (frozen) are
+        # rebuilt from the run's model source on resume and must match this fingerprint.
         self.fingerprints = {
             "config": config_fingerprint(cfg.to_dict()),
             "data": data_fingerprint(self.train_data, self.eval_data),
-            "reference": weights_fingerprint(self.ref_model) if self.ref_model is not None else None,
+            "reference": (weights_fingerprint(self.ref_model, skip="lora_") if self.ref_model is model
+                          else weights_fingerprint(self.ref_model) if self.ref_model is not None
+                          else None),
         }
+        if self.lora:
+            self.fingerprints["base"] = weights_fingerprint(model, skip="lora_")
+            self.adapters = lora.summary(model)
+            print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_scale_alpha:g} on "
+                  f"{', '.join(self.adapters['target_modules'])}: "
+                  f"{self.adapters['trainable_parameters']:,} trainable parameters of "
+                  f"{self.adapters['parameters']:,}")
 
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+        # Only the trainable parameters (all of them, or the adapters under LoRA).
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
                                            weight_decay=cfg.weight_decay)
         steps = self.total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps))
@@ -267,7 +301,7 @@ class DPOTrainer:
             self._announce(self.monitor.nonfinite(step)[0])
             return None
         clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -325,7 +359,8 @@ class DPOTrainer:
     def save(self) -> None:
         save_checkpoint(self.out / CKPT, {
             "format": FORMAT, "run_id": self.run_id, "step": self.step, "position": self.position,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": lora.adapter_state(self.model) if self.lora else self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "monitor": self.monitor.state_dict(),
             "bco": vars(self.bco).copy(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -334,7 +369,10 @@ class DPOTrainer:
         })
 
     def _load(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])
+        if self.lora:
+            lora.load_adapter_state(self.model, s["model"])
+        else:
+            self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.monitor.load_state_dict(s["monitor"])
@@ -361,6 +399,7 @@ class DPOTrainer:
         random.seed(self.config.seed)
         rundir.write_run_json(self.out, {"run_id": self.run_id, "sources": self.sources,
                                           "reference": self.ref_source,
+                                          **({"lora": self.adapters} if self.lora else {}),
                                           "fingerprints": self.fingerprints, "resumes": []})
         atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
         atomic_write_text(self.out / rundir.METRICS, "")
@@ -457,6 +496,10 @@ class DPOTrainer:
                          f"{a['step']}, {b['entropy']:.3f} at step {b['step']}; chosen tokens "
                          f"predicted top-1: {a['mean_token_accuracy']:.3f}, "
                          f"{b['mean_token_accuracy']:.3f}.")
+        state = model_state_bytes([self.model, self.ref_model], self.optimizer)
+        extra.append("Model state held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in state.items())
+                     + (" (LoRA: the reference is the policy's own base weights)" if self.lora else "")
+                     + ".")
         if stopped:
             extra.append(f"**Stopped:** {stopped}")
         atomic_write_text(self.out / "health.md", self.monitor.report(extra))
@@ -467,7 +510,7 @@ class DPOTrainer:
         except ImportError:
             print("matplotlib is not installed: no plots (pip install fused_dpo[plot])")
         return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
-                "eval": evals[-1] if evals else {}, "metrics": rows}
+                "eval": evals[-1] if evals else {}, "metrics": rows, "model_state_bytes": state}
 
     def _announce(self, flags) -> None:
         for f in flags:

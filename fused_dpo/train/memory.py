@@ -1,0 +1,31 @@
+"""The bytes of model state a trainer holds, summed from its tensors: parameters (of the policy and
+the reference model), gradients and optimizer state. Each storage counts once, so a tied embedding,
+or a LoRA reference that is the policy's own base weights, is not counted twice."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _add(seen: set, t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    s = t.untyped_storage()
+    key = (t.device, s.data_ptr())
+    if key in seen or s.nbytes() == 0:
+        return 0
+    seen.add(key)
+    return s.nbytes()
+
+
+def model_state_bytes(models, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """{"parameters", "gradients", "optimizer", "total"} in bytes, for the modules in `models`
+    (None entries skipped) and the optimizer's state (AdamW: two moments and a step per parameter)."""
+    seen: set = set()
+    params = [p for m in models if m is not None for p in m.parameters()]
+    out = {"parameters": sum(_add(seen, p) for p in params),
+           "gradients": sum(_add(seen, p.grad) for p in params),
+           "optimizer": sum(_add(seen, v) for state in optimizer.state.values()
+                            for v in state.values() if isinstance(v, torch.Tensor))}
+    out["total"] = sum(out.values())
+    return out
