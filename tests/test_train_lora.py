@@ -27,7 +27,8 @@ def nbytes(params) -> int:
 def test_reference_is_the_policy_with_adapters_off(tmp_path):
     base = tiny_llama(len(TOK), seed=0)
     untouched = copy.deepcopy(base)
-    t = make_trainer(tmp_path, model=base, lora_r=4, max_steps=6, learning_rate=1e-2)
+    t = make_trainer(tmp_path, model=base, eval_rows=ROWS[200:216], lora_r=4, max_steps=6,
+                     learning_rate=1e-2)
     # Only the adapters train, and the reference holds no second copy of the base weights.
     trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -61,10 +62,11 @@ def test_reference_is_the_policy_with_adapters_off(tmp_path):
 
 
 def test_resume_equals_uninterrupted_and_the_checkpoint_holds_the_adapters(tmp_path):
-    kw = dict(lora_r=4, lora_alpha=4.0, lora_target_modules=["q_proj", "o_proj"])
+    kw = dict(lora_r=4, lora_alpha=4.0, lora_target_modules=["q_proj", "o_proj"], eval_rows=ROWS[200:212],
+              max_steps=8, eval_steps=4, save_steps=4)
     full = make_trainer(tmp_path / "full", **kw).train(progress=False)
     t = make_trainer(tmp_path / "cut", **kw)
-    t.train(progress=False, until_step=5)
+    t.train(progress=False, until_step=3)
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     names = [n for n, p in t.model.named_parameters() if p.requires_grad]
     assert list(ckpt["model"]) == names and len(names) == 8  # A and B of 2 layers x 2 blocks

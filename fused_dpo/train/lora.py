@@ -21,6 +21,11 @@ def is_peft_model(model) -> bool:
     return type(model).__module__.startswith("peft.")
 
 
+def unwrap(model):
+    """The transformers model inside peft's wrapper (adapters included), or `model` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def linear_names(model: torch.nn.Module) -> list[str]:
     """The short names (q_proj, c_attn, ...) of the layers LoRA can adapt: linear layers and
     GPT-2's Conv1D."""

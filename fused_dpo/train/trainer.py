@@ -11,9 +11,10 @@ the training forward pass on those weights (before update k + 1) and, every eval
 held-out evaluation; the checkpoint saved at step k holds them too. The last row, at step
 `total_steps()`, is the held-out evaluation of the final weights.
 
-Around the loop, in their own modules: the model adapter (`hf`), the checkpoint format and its
-fingerprints (`checkpoint`), the run directory (`rundir`), the learning-rate schedule (`schedule`),
-the health checks (`health`) and TRL's per-token metrics (`token_metrics`).
+Around the loop, in their own modules: the model adapter (`hf`), LoRA adapters and their reference
+(`lora`), the checkpoint format and its fingerprints (`checkpoint`), the run directory (`rundir`),
+the learning-rate schedule (`schedule`), the health checks (`health`), TRL's per-token metrics
+(`token_metrics`) and the model-state bytes (`memory`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ __all__ = ["DPOTrainer", "LogpsHead"]
 class DPOTrainer:
     def __init__(self, model, ref_model, tokenizer, train_dataset, eval_dataset=None,
                  config: DPOConfig | None = None, sources: dict | None = None):
-        """`ref_model=None` uses a frozen copy of the initial policy. `sources` says how the caller
+        """`ref_model=None` uses a frozen copy of the initial policy, or with LoRA (`lora_r`) the
+        policy itself with its adapters off (no second copy of the weights). `sources` says how the caller
         built the model and the data (e.g. {"model": "tiny", "data": "zen"}); it is recorded in
         run.json, which is how `fused-dpo train --resume` finds them again."""
         self.config = cfg = config or DPOConfig()
@@ -71,6 +73,9 @@ class DPOTrainer:
             raise ValueError(f"no usable training pairs ({self.train_data.report()})")
         self.out = Path(cfg.output_dir)
 
+        if lora.is_peft_model(model):
+            raise ValueError(f"the model is a peft {type(model).__name__}: pass the plain transformers "
+                             f"model and set lora_r (--lora-r) to train LoRA adapters")
         self.model = model
         if cfg.disable_dropout:
             disable_dropout(model)
@@ -78,54 +83,29 @@ class DPOTrainer:
             # transformers 5 renamed it (the old name warns); non-reentrant by default, so frozen
             # embeddings under LoRA still pass gradients to the adapters.
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        if lora.is_peft_model(model):
-            raise ValueError(f"the model is a peft {type(model).__name__}: pass the plain transformers "
-                             f"model and set lora_r (--lora-r) to train LoRA adapters")
         self.lora = cfg.lora_r is not None
         if self.lora:
             model = self.model = lora.apply_lora(model, cfg.lora_r, cfg.lora_scale_alpha,
                                                  cfg.lora_target_modules, cfg.seed)
         model.train()
         # The policy's pass also yields TRL's per-token metrics (entropy, mean logit, top-1);
-        # the reference's needs only its log-probs. Under LoRA the heads read the transformers
-        # model inside peft's wrapper, adapters and all.
-        hf_model = model.get_base_model() if self.lora else model
-        self.policy_logps = LogpsHead(hf_model, cfg.logps_impl, stats=STATS)
-
-        # ref_is_copy: the reference equals the initial policy (a copy of it, or under LoRA the
-        # same model with its adapters off: lora_B starts at 0).
-        self.ref_is_copy = False
+        # the reference's needs only its log-probs.
+        self.policy_logps = LogpsHead(lora.unwrap(model), cfg.logps_impl, stats=STATS)
+        self.ref_is_copy = False  # set when the reference equals the initial policy
         self.ref_cache: dict[str, torch.Tensor] = {}
-        self.ref_model = self.ref_logps = None
-        if cfg.reference != "none" and self.lora and ref_model is None:
-            # The policy's own base weights, not a second copy of them.
-            self.ref_model, self.ref_is_copy = model, True
-            self.ref_logps = lora.ReferenceLogps(model, cfg.logps_impl)
-        elif cfg.reference != "none":
-            if ref_model is None:
-                ref_model, self.ref_is_copy = copy.deepcopy(model), True
-            if cfg.disable_dropout:
-                disable_dropout(ref_model)
-            self.ref_model = ref_model.eval().requires_grad_(False)
-            ref_head = ref_model.get_base_model() if lora.is_peft_model(ref_model) else ref_model
-            self.ref_logps = LogpsHead(ref_head, cfg.logps_impl,
-                                       warn=not (self.ref_is_copy and self.policy_logps.fallback))
-        # Not saved in checkpoints: rebuilt from its source on resume and checked against this.
-        self.ref_source = ("none" if self.ref_model is None else
-                           "the policy with its LoRA adapters disabled" if self.ref_model is model else
-                           "a frozen copy of the initial policy" if self.ref_is_copy else
-                           "the model passed as ref_model")
-        # A LoRA checkpoint holds only the adapters: the base weights under them (frozen) are
-        # rebuilt from the run's model source on resume and must match this fingerprint.
+        # ref_source is not saved in checkpoints: the reference is rebuilt from it on resume and
+        # checked against its fingerprint. A LoRA checkpoint holds only the adapters: the frozen
+        # base weights under them are rebuilt likewise and checked against theirs.
+        self.ref_model, self.ref_logps, self.ref_source = self._build_reference(model, ref_model)
+        base = weights_fingerprint(model, skip="lora_") if self.lora else None
         self.fingerprints = {
             "config": config_fingerprint(cfg.to_dict()),
             "data": data_fingerprint(self.train_data, self.eval_data),
-            "reference": (weights_fingerprint(self.ref_model, skip="lora_") if self.ref_model is model
-                          else weights_fingerprint(self.ref_model) if self.ref_model is not None
-                          else None),
+            "reference": (base if self.ref_model is model else
+                          weights_fingerprint(self.ref_model) if self.ref_model is not None else None),
         }
         if self.lora:
-            self.fingerprints["base"] = weights_fingerprint(model, skip="lora_")
+            self.fingerprints["base"] = base
             self.adapters = lora.summary(model)
             print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_scale_alpha:g} on "
                   f"{', '.join(self.adapters['target_modules'])}: "
@@ -146,6 +126,28 @@ class DPOTrainer:
         self._perm: tuple[int, list[int]] = (-1, [])  # (epoch, its order), derived from position
 
     # -- setup helpers -------------------------------------------------------------------------
+    def _build_reference(self, model, ref_model):
+        """(reference model, its log-probs head, what it is in words)."""
+        cfg = self.config
+        if cfg.reference == "none":
+            return None, None, "none"
+        if ref_model is None and self.lora:
+            # The policy's own base weights, not a second copy; lora_B starts at 0.
+            self.ref_is_copy = True
+            return model, lora.ReferenceLogps(model, cfg.logps_impl), \
+                "the policy with its LoRA adapters disabled"
+        source = "the model passed as ref_model"
+        if ref_model is None:
+            ref_model, self.ref_is_copy = copy.deepcopy(model), True
+            source = "a frozen copy of the initial policy"
+        if cfg.disable_dropout:
+            disable_dropout(ref_model)
+        ref_model.eval().requires_grad_(False)
+        # A copy falls back to the logits for the reason the policy's head already gave.
+        head = LogpsHead(lora.unwrap(ref_model), cfg.logps_impl,
+                         warn=not (self.ref_is_copy and self.policy_logps.fallback))
+        return ref_model, head, source
+
     def _tokenize(self, data, what: str) -> Tokenized:
         if isinstance(data, Tokenized):
             return data
