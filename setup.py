@@ -4,6 +4,6 @@
 from setuptools import setup
 
 setup(
-    packages=["fused_dpo", "fused_dpo.train", "fused_dpo.kernels"],
+    packages=["fused_dpo", "fused_dpo.train", "fused_dpo.integrations", "fused_dpo.kernels"],
     package_dir={"fused_dpo.kernels": "kernels"},
 )

@@ -359,8 +359,8 @@ def check_head_args(hidden, weight, bias, *, reduction, temperature, softcap, im
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     if head_dtype is not None and head_dtype not in _common.FLOAT_DTYPES:
         raise TypeError(f"head_dtype must be a floating dtype, got {head_dtype!r}")
-    if T < 1 or V < 1:
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)} and V = {V}; need T, V >= 1")
+    if V < 1:  # T = 0 is allowed: empty outputs (an all-masked, compacted micro-batch)
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; need V >= 1")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 

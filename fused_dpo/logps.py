@@ -244,8 +244,8 @@ def get_logps(
     _common.check_options(reduction, temperature, softcap, impl)
     stats = _common.check_stats(stats, entropy_grad)
     B, T, V = logits.shape
-    if T < 1 or V < 1:
-        raise ValueError(f"logits has shape {tuple(logits.shape)}; need T >= 1 and V >= 1")
+    if V < 1:  # T = 0 is allowed: empty outputs (an all-masked, compacted micro-batch)
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; need V >= 1")
     tg = _common.check_targets((B, T), logits.device, input_ids, response_mask, labels,
                                ignore_index, "logits")
     if impl == "reference":

@@ -352,3 +352,23 @@ def test_hidden_backward_is_reentrant(impl, device):
     first = torch.autograd.grad(loss, (h, w), retain_graph=True)
     second = torch.autograd.grad(loss, (h, w))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_zero_length_sequences(impl, shift, device):
+    """T = 0 (an all-masked micro-batch after compaction): empty or zero outputs, gradients of the
+    right shape, on both paths."""
+    ids = torch.zeros(2, 0, dtype=torch.long, device=device)
+    for reduction in ("sum", "mean", "none"):
+        x = torch.randn(2, 0, 7, device=device, requires_grad=True)
+        out = get_logps(x, ids, None, shift=shift, reduction=reduction, impl=impl)
+        assert out.shape == ((2, 0) if reduction == "none" else (2,)) and not out.any()
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        h = torch.randn(2, 0, 3, device=device, requires_grad=True)
+        w = torch.randn(7, 3, device=device, requires_grad=True)
+        out = get_logps_from_hidden(h, w, ids, None, shift=shift, reduction=reduction, impl=impl,
+                                    stats=("entropy",), entropy_grad=True)
+        (out.logps.sum() + out.entropy.sum()).backward()
+        assert h.grad.shape == h.shape and not w.grad.any()
