@@ -119,7 +119,7 @@ class DPOConfig:
             raise ValueError(f"lora_target_modules: {ALL_LINEAR} stands alone, got {targets!r}")
 
     @property
-    def lora_scale_alpha(self) -> float | None:
+    def effective_lora_alpha(self) -> float | None:
         """lora_alpha as used: its default is 2 * lora_r; None without LoRA."""
         if self.lora_r is None:
             return None

@@ -79,7 +79,8 @@ def summary(peft_model) -> dict:
     """What run.json records of the adapters: rank, alpha, the layers adapted, parameter counts."""
     cfg = peft_model.peft_config["default"]
     # peft expands all-linear into full module paths: their short names, like the other choices.
-    targets = sorted({t.rsplit(".", 1)[-1] for t in cfg.target_modules})
+    targets = cfg.target_modules
+    targets = [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
     return {"r": cfg.r, "alpha": cfg.lora_alpha, "target_modules": targets,
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in peft_model.parameters())}

@@ -85,7 +85,7 @@ class DPOTrainer:
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         self.lora = cfg.lora_r is not None
         if self.lora:
-            model = self.model = lora.apply_lora(model, cfg.lora_r, cfg.lora_scale_alpha,
+            model = self.model = lora.apply_lora(model, cfg.lora_r, cfg.effective_lora_alpha,
                                                  cfg.lora_target_modules, cfg.seed)
         model.train()
         # The policy's pass also yields TRL's per-token metrics (entropy, mean logit, top-1);
@@ -107,7 +107,7 @@ class DPOTrainer:
         if self.lora:
             self.fingerprints["base"] = base
             self.adapters = lora.summary(model)
-            print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_scale_alpha:g} on "
+            print(f"LoRA r={cfg.lora_r} alpha={cfg.effective_lora_alpha:g} on "
                   f"{', '.join(self.adapters['target_modules'])}: "
                   f"{self.adapters['trainable_parameters']:,} trainable parameters of "
                   f"{self.adapters['parameters']:,}")
