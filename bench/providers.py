@@ -201,4 +201,28 @@ def hidden_providers() -> dict:
         p["cut_ce"] = cce
     except ImportError:
         p["cut_ce"] = None
+    p["torch_linear_ce"] = torch_linear_ce_provider()
     return p
+
+
+def torch_linear_ce_provider():
+    """PyTorch's own `torch.nn.functional.linear_cross_entropy(..., reduction="none",
+    options=LinearCrossEntropyOptions())` (torch 2.13+: the batch-chunked implementation, no full
+    logits): per-token log-probs = -CE, summed per sequence with the mask. None on older torch
+    (the GPU image's torch 2.11 has neither), with a note."""
+    fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fn is None or options is None:
+        print(f"  (torch {torch.__version__} has no nn.functional.linear_cross_entropy with "
+              "LinearCrossEntropyOptions: the torch_linear_ce row needs torch >= 2.13)")
+        return None
+
+    def call(h, w, i, m):
+        B, T, H = h.shape
+        tgt = torch.where(m[:, 1:], i[:, 1:], -100)
+        # one (B*(T-1), H) copy of the scored positions' inputs: the op takes 2-D input
+        ce = fn(h[:, :-1].reshape(-1, H), w, tgt.reshape(-1), reduction="none", ignore_index=-100,
+                options=options())
+        return -(ce.float().view(B, T - 1) * (tgt != -100)).sum(-1)
+
+    return call

@@ -57,15 +57,15 @@ def check_stats(stats, entropy_grad: bool) -> tuple[str, ...]:
 
 def stats_result(out, counts, ext, stats: tuple[str, ...], entropy_grad: bool) -> LogpsStats:
     """The LogpsStats of one call, from the kernels' (4, ...) bundle `ext` (rows in STATS order)."""
-    rows = ext.unbind(0)
     vals = {}
     for i, name in enumerate(STATS):
+        # ext[i], not unbind: a select view may be modified in place (an unbind view may not)
         if name not in stats:
             vals[name] = None
         elif name == "entropy" and entropy_grad:
-            vals[name] = rows[i]
+            vals[name] = ext[i]
         else:
-            vals[name] = rows[i].detach()
+            vals[name] = ext[i].detach()
     return LogpsStats(out, counts, **vals)
 
 

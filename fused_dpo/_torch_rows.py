@@ -30,10 +30,11 @@ def _transform_(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torc
     return z
 
 
-def _row_chunks(x, R, row_index):
+def _row_chunks(x, R, row_index, blocks=2):
     """Yield (b0, r0, r1, b, r): rows x[b0, r0:r1] and the (batch, position) pairs they score, as
-    int64 (n,) tensors; with `row_index` x is (1, M, V) and row i scores flat row_index[i]."""
-    step = _chunk_rows(x.shape[-1])
+    int64 (n,) tensors; with `row_index` x is (1, M, V) and row i scores flat row_index[i].
+    `blocks`: how many (rows, V) float32 temporaries the caller keeps at once (2 by default)."""
+    step = max(1, _chunk_rows(x.shape[-1]) * 2 // blocks)
     if row_index is not None:
         for i0 in range(0, row_index.numel(), step):
             i1 = min(row_index.numel(), i0 + step)
@@ -68,7 +69,8 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     acc = zy.dtype
     if row_index is None:
         x = x[:, :R]  # a shifted call's logits have one row more than it scores
-    for b0, r0, r1, b, r in _row_chunks(x, R, row_index):
+    # with the statistics: z, its masked copy, e and e (z - m) live at once (and two bool masks)
+    for b0, r0, r1, b, r in _row_chunks(x, R, row_index, blocks=5 if has_stats else 2):
         xc = x[b0, r0:r1]
         flat = b * R + r
         lab, wc = _labels_weights(labels, mask, b, r + shift, ignore_index, acc)
@@ -106,11 +108,12 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
             if has_stats:
                 pi_old = mass_old / (mass_old + mass_new)
                 pi_new = mass_new / (mass_old + mass_new)
-                pz_c = torch.where(pi_old > 0, pi_old * (pz[flat] + (m_old - ref)), 0.0) + \
-                    torch.where(pi_new > 0, pi_new * (pz_c + (mc - ref)), 0.0)
-                # (a chunk of only -inf logits has share 0 and an undefined lq: it adds nothing)
-                lq_c = torch.log(torch.where(pi_old > 0, pi_old.square() * lq[flat].exp(), 0.0)
-                                 + torch.where(pi_new > 0, pi_new.square() * lq_c.exp(), 0.0))
+                pz_c = torch.where(mass_old == 0, 0.0, pi_old * (pz[flat] + (m_old - ref))) + \
+                    torch.where(mass_new == 0, 0.0, pi_new * (pz_c + (mc - ref)))
+                # (a chunk of only -inf logits has mass 0 and an undefined lq: it adds nothing;
+                # a NaN mass stays NaN)
+                lq_c = torch.log(torch.where(mass_old == 0, 0.0, pi_old.square() * lq[flat].exp())
+                                 + torch.where(mass_new == 0, 0.0, pi_new.square() * lq_c.exp()))
                 sz_c = sz_c + sz[flat]
                 mb_c = torch.maximum(mb_c, mb[flat])
             logs_c = torch.log(mass_old + mass_new)
@@ -150,6 +153,7 @@ def seq_reduce(stats, labels, *, V, shift, reduction):
         top1 = (zy >= m) & (zy > mb)
         ext = torch.stack([logs - pz, lq, sz / V, top1.to(w.dtype)])
         ext = torch.where(live, w * ext, 0.0)
+        ext[3] = torch.where(tok.isnan(), float("nan"), ext[3])  # a NaN row: NaN statistics
         if code != NONE:
             ext = _reduce(ext, counts, code)
     if code == NONE:
@@ -169,7 +173,7 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
     if R == 0:  # nothing is scored (T = 1 shifted)
         grad.zero_()
         return
-    for b0, r0, r1, b, r in _row_chunks(x, R, row_index):
+    for b0, r0, r1, b, r in _row_chunks(x, R, row_index, blocks=3 if ent is not None else 2):
         xc = x[b0, r0:r1]
         scored = r < R  # rows past R (the last position of a shifted call) are not scored
         flat = torch.where(scored, b * R + r, 0)

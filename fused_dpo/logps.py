@@ -235,7 +235,7 @@ def get_logps(
 
     Returns:
         float32 (float64 for float64 logits) tensor as per `reduction`; with return_counts a
-        tuple (logps, counts); with `stats` a `LogpsStats` named tuple (logps, counts, entropy,
+        tuple (logps, counts); with non-empty `stats` a `LogpsStats` named tuple (logps, counts, entropy,
         log_sum_sq_probs, mean_logits, is_top1), None for the statistics not asked for.
         Non-response positions are never read, so NaN there is ignored; NaN or inf in a
         response row gives NaN for that sequence.

@@ -102,14 +102,18 @@ def get_logps_reference(
     if "entropy" in stats:
         lp = logp_all if entropy_grad else logp_all.detach()
         p = lp.exp()
-        values["entropy"] = -torch.where(p > 0, p * lp, 0.0).sum(-1)
+        # mask log p, not the product: p log p -> 0 where p = 0 (no 0 * -inf, in value or
+        # gradient), and a NaN row stays NaN
+        values["entropy"] = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
     zd, lpd = z.detach(), logp_all.detach()
     if "log_sum_sq_probs" in stats:
         values["log_sum_sq_probs"] = torch.logsumexp(2 * lpd, -1)
     if "mean_logits" in stats:
         values["mean_logits"] = zd.mean(-1)
     if "is_top1" in stats:
-        values["is_top1"] = (zd.argmax(-1) == safe).to(acc)
+        # a row whose log-prob is NaN (NaN or inf logits) has NaN statistics, top-1 included
+        top1 = (zd.argmax(-1) == safe).to(acc)
+        values["is_top1"] = torch.where(logps.detach().isnan(), float("nan"), top1)
     reduced = {}
     for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"):
         if name in values:

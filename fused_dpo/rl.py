@@ -27,6 +27,15 @@ def _as_rows(t: torch.Tensor, lead: tuple[int, ...], name: str) -> torch.Tensor:
     return t.reshape(1, -1) if len(lead) != 2 else t
 
 
+def _skip_mask(row_mask, lead):
+    """TRL's row mask skips rows (nonzero = computed); it does not weight them."""
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, torch.Tensor):
+        raise TypeError(f"row_mask must be a torch.Tensor, got {type(row_mask).__name__}")
+    return _as_rows(row_mask, lead, "row_mask") != 0
+
+
 def _as_3d(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -59,7 +68,8 @@ def token_logps_and_entropy(
             returns it detached, and the backward computes the log-probs' gradient alone.
         temperature, softcap: as in `get_logps`.
         row_mask: (...) bool/int/float; rows where it is 0 are skipped and return 0 in both
-            outputs (TRL's contract). Float values weight both outputs.
+            outputs (TRL's contract: it skips, it does not weight; use `get_logps(...,
+            stats=("entropy",))` for weighted tokens).
         impl, validate: as in `get_logps`.
 
     Returns:
@@ -70,7 +80,7 @@ def token_logps_and_entropy(
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     ids = _as_rows(index, lead, "index")
-    mask = _as_rows(row_mask, lead, "row_mask") if row_mask is not None else None
+    mask = _skip_mask(row_mask, lead)
     out = get_logps(x, ids, mask, shift=False, reduction="none", temperature=temperature,
                     softcap=softcap, impl=impl, validate=validate, stats=("entropy",),
                     entropy_grad=entropy_requires_grad)
@@ -102,7 +112,7 @@ def token_logps_and_entropy_from_hidden(
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     ids = _as_rows(index, lead, "index")
-    mask = _as_rows(row_mask, lead, "row_mask") if row_mask is not None else None
+    mask = _skip_mask(row_mask, lead)
     out = get_logps_from_hidden(h, weight, ids, mask, bias=bias, shift=False, reduction="none",
                                 temperature=temperature, softcap=softcap, head_dtype=head_dtype,
                                 impl=impl, chunk_size=chunk_size, compact=compact,

@@ -164,11 +164,12 @@ def _row_stats_kernel(
                 pi_new = mass_new / tot
                 pz_old = tl.load(pz_ptr + flat).to(ACC)
                 lq_old = tl.load(lq_ptr + flat).to(ACC)
-                pz = tl.where(pi_old > 0.0, pi_old * (pz_old + (m_old - m_all_ref)), 0.0) + \
-                    tl.where(pi_new > 0.0, pi_new * (pz + (m - m_all_ref)), 0.0)
-                # (a chunk of only -inf logits has share 0 and an undefined lq: it adds nothing)
-                lq = tl.log(tl.where(pi_old > 0.0, pi_old * pi_old * tl.exp(lq_old), 0.0) +
-                            tl.where(pi_new > 0.0, pi_new * pi_new * tl.exp(lq), 0.0))
+                pz = tl.where(mass_old == 0.0, 0.0, pi_old * (pz_old + (m_old - m_all_ref))) + \
+                    tl.where(mass_new == 0.0, 0.0, pi_new * (pz + (m - m_all_ref)))
+                # (a chunk of only -inf logits has mass 0 and an undefined lq: it adds nothing;
+                # a NaN mass stays NaN)
+                lq = tl.log(tl.where(mass_old == 0.0, 0.0, pi_old * pi_old * tl.exp(lq_old)) +
+                            tl.where(mass_new == 0.0, 0.0, pi_new * pi_new * tl.exp(lq)))
                 szt += tl.load(sz_ptr + flat).to(ACC)
                 mbt = tl.maximum(mbt, tl.load(mb_ptr + flat).to(ACC))
             logs = tl.log(mass_old + mass_new)
@@ -254,6 +255,7 @@ def _seq_reduce_kernel(
     REDUCTION: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    stride_ext = stride_ext.to(tl.int64)  # 3 * B * R may pass 2**31
     total = tl.zeros([BLOCK_R], ACC)
     count = tl.zeros([BLOCK_R], ACC)
     bad = tl.zeros([BLOCK_R], tl.int32)
@@ -286,6 +288,7 @@ def _seq_reduce_kernel(
             mean = tl.where(live, w * (tl.load(sz_ptr + o, mask=inside, other=0.0) / V), 0.0)
             mb = tl.load(mb_ptr + o, mask=inside, other=0.0)
             top = tl.where(live & (zy >= m) & (zy > mb), w, 0.0)
+            top = tl.where(tok != tok, float("nan"), top)  # a NaN row has NaN statistics
             if REDUCTION == 2:
                 tl.store(ext_ptr + o, ent, mask=inside)
                 tl.store(ext_ptr + stride_ext + o, lq, mask=inside)
@@ -363,9 +366,8 @@ def _row_grad_kernel(
                 coef_h = gh * w
             if REDUCTION == 1:
                 c = tl.load(counts_ptr + b).to(ACC)
-                inv_c = tl.where(c != 0.0, 1.0 / tl.where(c != 0.0, c, 1.0), 0.0)
                 coef = tl.where(c != 0.0, coef / tl.where(c != 0.0, c, 1.0), 0.0)
-                coef_h = coef_h * inv_c
+                coef_h = tl.where(c != 0.0, coef_h / tl.where(c != 0.0, c, 1.0), 0.0)
     if (coef != 0.0) | (coef_h != 0.0):
         col_y = tl.load(labels_ptr + b * stride_lb + (r + shift) * stride_lt).to(tl.int64) - vocab_start
         m = tl.load(m_ptr + flat).to(ACC)

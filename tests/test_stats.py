@@ -372,3 +372,62 @@ def test_zero_length_sequences(impl, shift, device):
                                     stats=("entropy",), entropy_grad=True)
         (out.logps.sum() + out.entropy.sum()).backward()
         assert h.grad.shape == h.shape and not w.grad.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_a_nan_row_has_nan_statistics(impl, path, device):
+    """NaN in a scored row: every output of that sequence is NaN (top-1 included: it must not
+    count towards an accuracy), on every impl; the hidden path merges a NaN chunk as NaN."""
+    logits, ids, mask = make_inputs(2, 5, 12, torch.float64, device)
+    mask[:] = True
+    if path == "logits":
+        logits[0, 1, 3] = float("nan")
+        fn = get_logps if impl != "reference" else get_logps_reference
+        kw = {} if impl == "reference" else dict(impl=impl)
+        out = fn(logits, ids, mask, reduction="none", stats=ALL, **kw)
+    else:
+        h = torch.randn(2, 5, 4, dtype=torch.float64, device=device)
+        w = torch.randn(12, 4, dtype=torch.float64, device=device)
+        w[9] = float("nan")  # every row's logit 9 is NaN: a NaN in the third chunk of 4
+        if impl == "reference":
+            out = get_logps_from_hidden_reference(h, w, ids, mask, reduction="none", stats=ALL)
+        else:
+            out = get_logps_from_hidden(h, w, ids, mask, reduction="none", stats=ALL, impl=impl,
+                                        chunk_size=4)
+    rows = (0, 1) if path == "logits" else (slice(None), slice(None))
+    for name in ("logps",) + ALL:
+        assert getattr(out, name)[rows].isnan().all(), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_gradient_with_zero_count_and_inf_upstream(impl, device):
+    """reduction='mean' with float weights that cancel (count 0): both coefficients are 0, even
+    for an infinite upstream gradient (inf * 0 must not write NaN)."""
+    logits = torch.randn(1, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    ids = torch.randint(0, 6, (1, 4), device=device)
+    w = torch.tensor([[0.0, 1.0, -1.0, 0.0]], dtype=torch.float64, device=device)
+    out = get_logps(logits, ids, w, impl=impl, reduction="mean", stats=("entropy",),
+                    entropy_grad=True)
+    (out.entropy * float("inf")).sum().backward()
+    assert torch.isfinite(logits.grad).all() and not logits.grad.any()
+
+
+def test_outputs_may_be_modified_in_place(device):
+    logits, ids, mask = make_inputs(2, 5, 9, torch.float64, device)
+    x = logits.requires_grad_(True)
+    lp, ent = token_logps_and_entropy(x, ids, True, 1.0, mask, impl="torch")
+    ent.mul_(0.5)  # an unbind view would refuse this
+    ent.sum().backward()
+    y = logits.detach().clone().requires_grad_(True)
+    (0.5 * token_logps_and_entropy(y, ids, True, 1.0, mask, impl="reference")[1]).sum().backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-12)
+
+
+def test_reference_entropy_gradient_is_finite_at_minus_inf(device):
+    logits, ids, mask = make_inputs(1, 4, 8, torch.float64, device)
+    logits[..., 5:] = float("-inf")
+    x = logits.requires_grad_(True)
+    out = get_logps_reference(x, ids % 5, mask, stats=("entropy",), entropy_grad=True)
+    out.entropy.sum().backward()
+    assert torch.isfinite(x.grad).all()
