@@ -72,3 +72,33 @@ def test_logged_token_metrics_equal_full_logits_in_float64(tmp_path, path):
 
 def test_no_tokens_reads_zero():
     assert averages(torch.zeros(len(KEYS), 2), "eval/") == {"eval/" + k: 0.0 for k in KEYS}
+
+
+def test_wpo_weights_from_the_same_pass(tmp_path):
+    """use_weighting (WPO): at step 0 (policy == reference) every pair's loss is log 2 times its
+    detached weight w_c * w_r, w = exp((sum log p - sum log sum p^2) / n) per response, here
+    from the model's full logits in float64."""
+    t = make_trainer(tmp_path, batch_size=4, max_steps=3, use_weighting=True)
+    assert "log_sum_sq_probs" in t.policy_logps.stats
+    position, perm = t.position, t._perm
+    batch = t._batch(t.train_data, t._pair_indices(4))
+    t.position, t._perm = position, perm
+    with torch.no_grad():
+        model = copy.deepcopy(t.model).double()
+        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels, mask = batch["input_ids"][:, 1:], batch["response_mask"][:, 1:].double()
+        logp = z.log_softmax(-1)
+        tok = logp.gather(-1, labels[..., None]).squeeze(-1)
+        lq = torch.logsumexp(2 * logp, -1)
+        n = mask.sum(-1)
+        w = torch.exp(((tok - lq) * mask).sum(-1) / n.clamp_min(1))
+        want = (torch.log(torch.tensor(2.0, dtype=torch.float64)) * w[:4] * w[4:]).mean()
+    m = t.train_step()
+    assert abs(m["loss"] - want.item()) < 1e-5 * max(1.0, want.item()), (m["loss"], want.item())
+
+
+def test_f_divergence_option_reaches_the_loss(tmp_path):
+    t = make_trainer(tmp_path, batch_size=4, max_steps=3, f_divergence_type="js_divergence")
+    m = t.train_step()
+    assert abs(m["loss"] - 0.6931471805599453) < 1e-6  # every f-divergence score is 0 at step 0
+    assert t._loss_kwargs(None)["f_divergence_type"] == "js_divergence"

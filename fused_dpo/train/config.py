@@ -23,6 +23,9 @@ class DPOConfig:
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
     rpo_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False  # WPO: pair weights from log sum p^2, computed in the same pass
     loss_reduction: str = "mean"  # "mean" over pairs (right) or "sum" (the failing preset)
     # optimisation
     learning_rate: float = 1e-3
@@ -68,7 +71,10 @@ class DPOConfig:
         for f in dataclasses.fields(self):
             _check_type(f.name, hints[f.name], getattr(self, f.name))
         check_loss_options(self.loss_type, self.loss_weights, self.beta, self.label_smoothing,
-                           "mean", self.rpo_alpha, self.simpo_gamma, self.discopop_tau)
+                           "mean", self.rpo_alpha, self.simpo_gamma, self.discopop_tau,
+                           f_divergence_type=self.f_divergence_type,
+                           f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                           use_weighting=self.use_weighting)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -90,7 +90,9 @@ class DPOTrainer:
         model.train()
         # The policy's pass also yields TRL's per-token metrics (entropy, mean logit, top-1);
         # the reference's needs only its log-probs.
-        self.policy_logps = LogpsHead(lora.unwrap(model), cfg.logps_impl, stats=STATS)
+        # WPO's pair weights need log sum p^2 per response: one more statistic of the same pass
+        stats = STATS + (("log_sum_sq_probs",) if cfg.use_weighting else ())
+        self.policy_logps = LogpsHead(lora.unwrap(model), cfg.logps_impl, stats=stats)
         self.ref_is_copy = False  # set when the reference equals the initial policy
         self.ref_cache: dict[str, torch.Tensor] = {}
         # ref_source is not saved in checkpoints: the reference is rebuilt from it on resume and
@@ -168,8 +170,9 @@ class DPOTrainer:
         the policy, or any term that reads the policy's log-probs themselves (reference-free
         losses, the RPO NLL term)."""
         cfg = self.config
+        # (WPO's weights read the policy's log-probs too)
         if (cfg.reference == "none" or not self.ref_is_copy or cfg.rpo_alpha is not None
-                or any(t in REFERENCE_FREE for t in cfg.loss_type)):
+                or cfg.use_weighting or any(t in REFERENCE_FREE for t in cfg.loss_type)):
             return None
         z = torch.zeros(1, dtype=torch.float64)
         loss, _ = dpo_loss(z - 1, z - 1, z - 1, z - 1, chosen_counts=z + 1, rejected_counts=z + 1,
@@ -180,7 +183,10 @@ class DPOTrainer:
         cfg = self.config
         return dict(loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta,
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, bco_state=bco)
+                    discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, bco_state=bco,
+                    f_divergence_type=cfg.f_divergence_type,
+                    f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+                    use_weighting=cfg.use_weighting)
 
     # -- data stream ---------------------------------------------------------------------------
     def _pair_indices(self, n_pairs: int) -> list[int]:
@@ -247,8 +253,12 @@ class DPOTrainer:
         B = len(idx)
         tsums = token_sums(out, B)
         rc, rr = (ref[:B], ref[B:]) if ref is not None else (None, None)
+        wpo = {}
+        if cfg.use_weighting:
+            lq = out.log_sum_sq_probs.float()
+            wpo = dict(chosen_log_sum_sq_probs=lq[:B], rejected_log_sum_sq_probs=lq[B:])
         loss, metrics = dpo_loss(logps[:B], logps[B:], rc, rr, chosen_counts=counts[:B],
-                                 rejected_counts=counts[B:], **self._loss_kwargs(bco))
+                                 rejected_counts=counts[B:], **self._loss_kwargs(bco), **wpo)
         tokens = counts.float().mean()
         metrics = {**metrics, "tokens_per_response": tokens, "tokens": batch["attention_mask"].sum()}
         with torch.no_grad():
