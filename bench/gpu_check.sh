@@ -55,7 +55,7 @@ stage() { echo; echo "== $* == $(date +%T)"; }
 
   stage "hidden-state path, bf16 weight, with entropy rows beside TRL's ChunkedLogProbFunction (issue 11)"
   timeout 65 python3 -m bench hidden --quick --shapes 8x1024x4096x128256 \
-    --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_chunked,trl_chunked+stats,trl_chunked+entropy_grad,cut_ce,eager \
+    --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_chunked,trl_chunked+stats,trl_chunked+entropy_grad,cut_ce,torch_linear_ce,eager \
     --out "$OUT/hidden" 2>&1
 
   stage "forward variants, fused_triton (defaults, in the logits table: FUSED_DPO_STAGES=1, FUSED_DPO_ROWS=1)"

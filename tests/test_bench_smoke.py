@@ -8,6 +8,7 @@ off, so `fused_triton` needs CUDA tensors and a `--device cpu` run would lose it
 import csv
 
 import pytest
+import torch
 
 from bench.__main__ import main
 
@@ -143,3 +144,19 @@ def test_bench_stopped_by_sigterm_writes_rows(tmp_path, monkeypatch, capsys):
     assert [(r["path"], r["provider"], r["mode"]) for r in rows] == [
         ("logits", "fused_torch", "forward"), ("logits", "fused_torch", "fwd+bwd")]
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+def test_torch_linear_cross_entropy_row(tmp_path, capsys):
+    """PyTorch's own linear_cross_entropy (torch >= 2.13) as a hidden-path provider: its sums
+    match float64 truth; on older torch the row is skipped with a note."""
+    rc = main(["hidden", "--device", "cpu", "--quick", "--shapes", "2x16x8x64", "--providers",
+               "torch_linear_ce", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    if getattr(torch.nn, "LinearCrossEntropyOptions", None) is None:
+        assert "needs torch >= 2.13" in out
+        return
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["mode"] for r in rows} == {"forward", "fwd+bwd"}
+    for r in rows:
+        assert r["provider"] == "torch_linear_ce" and float(r["rel_err"]) < 1e-3, r
