@@ -36,6 +36,8 @@ MODELS = {
     "gpt2-tied": ("GPT2Config", "GPT2LMHeadModel", None),
     "cohere-scale": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
     "granite-scaling": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=0.25)),
+    # HyperCLOVA X multiplies by logits_scaling where Granite divides (TRL 1.16's reading too)
+    "hyperclovax-scaling": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=4.0)),
 }
 
 
@@ -130,9 +132,31 @@ def test_custom_head_falls_back_to_logits_with_one_warning(tmp_path):
     assert len(record) == 1 and abs(loss - math.log(2)) < 1e-6
 
 
-def test_scaled_and_softcapped_logits_fall_back():
-    model = build("gemma2-softcap")
-    model.config.logit_scale = 2.0  # its order against the soft-cap is not known to the hidden path
-    with pytest.warns(UserWarning, match=r"rescaled \(logit_scale=2.0\) and soft-capped"):
+def test_non_numeric_logit_scale_falls_back():
+    model = build("llama")
+    model.config.logit_scale = "inv_sqrt_d_model"  # MPT-style string: not a factor the path can take
+    with pytest.warns(UserWarning, match=r"logit scale \(logit_scale='inv_sqrt_d_model'\) is not a positive"):
         head = LogpsHead(model, "torch")
     assert not head.fused
+
+
+def test_multimodal_text_config_scale_and_softcap():
+    """Muse Glimmer keeps its scale (output_multiplier) and softcap on the text config and
+    applies softcap(s * x): the hidden path takes it as softcap c/s at temperature 1/s."""
+    import transformers
+
+    if not hasattr(transformers, "MuseGlimmerConfig"):
+        pytest.skip("transformers has no MuseGlimmer")
+    tc = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+              initializer_range=0.5)
+    cfg = transformers.MuseGlimmerConfig(text_config=tc)
+    assert cfg.text_config.final_logit_softcapping and cfg.text_config.output_multiplier != 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.MuseGlimmerForConditionalGeneration(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head, ours, eager, truth = compare("muse", model)
+    assert head.fused and head.softcap is not None and head.temperature != 1.0
+    assert_close_to_truth(ours, eager, truth, 1e-4, "muse")

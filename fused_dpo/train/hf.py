@@ -10,11 +10,32 @@ import torch
 
 from .. import LogpsStats, get_logps, get_logps_from_hidden
 
-# Config attributes by which a transformers CausalLM rescales its logits after the lm_head:
-# (name, True when the logits are multiplied by it, False when divided). The hidden path takes a
-# rescaling as its temperature: Cohere's `logit_scale`, Granite's `logits_scaling`, Muse's
-# `output_multiplier`.
-LOGIT_SCALES = (("logit_scale", True), ("logits_scaling", False), ("output_multiplier", True))
+
+def logit_scale(cfg) -> tuple[float | None, str]:
+    """(s, where it came from): the factor a transformers CausalLM multiplies its logits by after
+    the lm_head (before a final softcap), read from the text config in TRL 1.16's order
+    (`add_fused_lm_head`): Cohere's `logit_scale`, Muse's `output_multiplier`, Falcon-H1's
+    `lm_head_multiplier`, then `logits_scaling` (HyperCLOVA X multiplies by it; Granite and MiniCPM3
+    divide). 1.0 when there is none (MPT's `logit_scale` is not applied by transformers' MPT);
+    None when the value is not a number (the hidden path cannot reproduce it)."""
+    if getattr(cfg, "model_type", None) == "mpt":
+        return 1.0, ""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        v = getattr(cfg, name, None)
+        if v is not None:
+            return (float(v) if _is_number(v) else None), f"{name}={v!r}"
+    v = getattr(cfg, "logits_scaling", None)
+    if v is None:
+        return 1.0, ""
+    if not _is_number(v):
+        return None, f"logits_scaling={v!r}"
+    if getattr(cfg, "model_type", None) == "hyperclovax":
+        return float(v), f"logits_scaling={v!r} (multiplied)"
+    return 1.0 / float(v), f"logits_scaling={v!r} (divided)"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -52,24 +73,23 @@ class LogpsHead:
         self.model, self.head, self.impl, self.stats = model, head, impl, tuple(stats)
         prefix = getattr(model, "base_model_prefix", "model")
         self.base = getattr(model, prefix, None)
-        cfg = model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None) or None
-        scales = {name: v for name, mul in LOGIT_SCALES
-                  if (v := getattr(cfg, name, None)) is not None and v != 1}
-        multiplier = 1.0
-        for name, mul in LOGIT_SCALES:
-            if name in scales:
-                multiplier = multiplier * scales[name] if mul else multiplier / scales[name]
-        self.temperature = 1.0 / multiplier
+        # Multimodal models keep the text model's scale and softcap on their text config.
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(cfg, "final_logit_softcapping", None) or None
+        scale, where = logit_scale(cfg)
+        # z = softcap_c(s x) = s softcap_{c/s}(x) for s > 0: the hidden path takes the scale as
+        # a temperature 1/s and the cap as c/s.
+        self.softcap, self.temperature = cap, 1.0
+        if scale is not None and scale > 0:
+            self.temperature = 1.0 / scale
+            self.softcap = cap / scale if cap is not None else None
         if type(head) is not torch.nn.Linear:
             self.fallback = (f"its lm_head is {type(head).__module__}.{type(head).__qualname__}, not a "
                              f"plain torch.nn.Linear")
         elif self.base is None:
             self.fallback = f"it has no base model at .{prefix} to read the final hidden states from"
-        elif scales and self.softcap is not None:
-            self.fallback = (f"its logits are rescaled ({', '.join(f'{k}={v}' for k, v in scales.items())}) "
-                             f"and soft-capped (final_logit_softcapping={self.softcap}), in an order "
-                             f"the hidden path does not know")
+        elif scale is None or scale <= 0:
+            self.fallback = f"its logit scale ({where}) is not a positive number"
         else:
             self.fallback = None
         self.fused = self.fallback is None
