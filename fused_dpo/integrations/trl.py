@@ -33,7 +33,9 @@ Where TRL 1.16 computes log-probs (trl/trainer/utils.py), and what `patch()` rep
   (CPO, ORPO, TPO, A2PO, SDFT, SDPO import them by name). They are replaced in trl.trainer.utils
   and in every loaded `trl.*` module that bound the same object, which is where those trainers
   look them up; a module imported while patched reads the patched name, and `unpatch()` restores
-  every binding it finds.
+  every binding it finds in `trl.*` modules. Code outside TRL that bound the names itself
+  (`from trl.trainer.utils import selective_log_softmax`) keeps what it bound: TRL's function if
+  it was imported before `patch()`, fused_dpo's if imported while patched.
 
 Why a patch and not a `DPOTrainer` subclass: the log-probs are computed in module-level code that
 the trainers reach through TRL's own model forward, not in a trainer method. A subclass would have
@@ -57,8 +59,9 @@ Contracts kept (TRL's -> ours):
   A stat whose gradient never arrives costs nothing in the backward.
 - Row masks skip rows (0 in both outputs) and are not weights: a float `row_mask` is used as
   `row_mask != 0`, as TRL does.
-- Log-probs and entropy are float32 (float64 for float64 inputs), as TRL's CUDA kernels return
-  them (its CPU fallback of `selective_log_softmax` returns bf16 for bf16 logits).
+- Log-probs and entropy are float32, as TRL's CUDA kernels return them (its CPU fallback of
+  `selective_log_softmax` returns bf16 for bf16 logits); float64 inputs (tests) give float64,
+  where TRL's hidden-state kernel would give float32.
 - TRL's `chunk_size` (vocab columns per tile) is not used: fused_dpo picks its own
   (`patch(chunk_size=...)` overrides it).
 - What fused_dpo does not take is left to TRL's original, counted as a fallback in

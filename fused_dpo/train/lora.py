@@ -66,8 +66,9 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, targets: list[str] 
     names = target_modules(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=names[0] if names == [ALL_LINEAR] else names)
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+    # torch.manual_seed reseeds every CUDA device: keep all their RNG states, not just the model's
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda), \
             warnings.catch_warnings():
         # peft 0.21 asks transformers 5 for is_gradient_checkpointing, which warns it is renamed.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
