@@ -375,7 +375,9 @@ class DPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "monitor": self.monitor.state_dict(),
             "bco": vars(self.bco).copy(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    # dropout on a GPU draws from the CUDA generators
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "ref_cache": self.ref_cache, "config": self.config.to_dict(),
             "fingerprints": self.fingerprints,
         })
@@ -395,6 +397,9 @@ class DPOTrainer:
             self.ref_model = self.ref_logps = None
         torch.set_rng_state(s["rng"]["torch"].cpu())
         random.setstate(_as_tuples(s["rng"]["python"]))
+        cuda = s["rng"].get("cuda") or []  # absent in older checkpoints
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
 
     # -- starting and resuming -------------------------------------------------------------------
     def _start(self, overwrite: bool) -> None:
