@@ -27,6 +27,15 @@ def _as_rows(t: torch.Tensor, lead: tuple[int, ...], name: str) -> torch.Tensor:
     return t.reshape(1, -1) if len(lead) != 2 else t
 
 
+def _rows_inputs(x, name, index, row_mask):
+    """(x as (B, T, last), the leading shape, index and the skip mask as (B, T))."""
+    x3 = _as_3d(x, name)
+    lead = tuple(x.shape[:-1])
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    return x3, lead, _as_rows(index, lead, "index"), _skip_mask(row_mask, lead)
+
+
 def _skip_mask(row_mask, lead):
     """TRL's row mask skips rows (nonzero = computed); it does not weight them."""
     if row_mask is None:
@@ -75,12 +84,7 @@ def token_logps_and_entropy(
     Returns:
         float32 (float64 for float64 logits) `logps` and `entropy`.
     """
-    x = _as_3d(logits, "logits")
-    lead = tuple(logits.shape[:-1])
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
-    ids = _as_rows(index, lead, "index")
-    mask = _skip_mask(row_mask, lead)
+    x, lead, ids, mask = _rows_inputs(logits, "logits", index, row_mask)
     out = get_logps(x, ids, mask, shift=False, reduction="none", temperature=temperature,
                     softcap=softcap, impl=impl, validate=validate, stats=("entropy",),
                     entropy_grad=entropy_requires_grad)
@@ -107,12 +111,7 @@ def token_logps_and_entropy_from_hidden(
     (..., H) aligned with `index` (...), the head (V, H). Only rows where `row_mask` is nonzero
     are multiplied with the head (compacted), the vocabulary a chunk at a time; the other
     arguments are those of `get_logps_from_hidden`."""
-    h = _as_3d(hidden, "hidden")
-    lead = tuple(hidden.shape[:-1])
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
-    ids = _as_rows(index, lead, "index")
-    mask = _skip_mask(row_mask, lead)
+    h, lead, ids, mask = _rows_inputs(hidden, "hidden", index, row_mask)
     out = get_logps_from_hidden(h, weight, ids, mask, bias=bias, shift=False, reduction="none",
                                 temperature=temperature, softcap=softcap, head_dtype=head_dtype,
                                 impl=impl, chunk_size=chunk_size, compact=compact,
