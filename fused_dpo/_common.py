@@ -106,6 +106,22 @@ def check_options(reduction: str, temperature: float, softcap: float | None, imp
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
+def fold_logit_scale(scale, temperature: float, softcap: float | None):
+    """(temperature, softcap) under which the kernels' softcap(x) / temperature equals
+    softcap_c(scale * x) / temperature (TRL's order: scale, then cap), or None.
+
+    For scale > 0, softcap_c(s x) = c tanh(s x / c) = s softcap_{c/s}(x): the scale becomes a
+    temperature / s and a cap c / s, with no scaled copy of the inputs. None when the scale is not
+    a positive number or the folded values are not finite (the caller scales its inputs instead).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        return None
+    t, c = temperature / scale, (softcap / scale if softcap is not None else None)
+    if not (math.isfinite(t) and t > 0 and (c is None or (math.isfinite(c) and c > 0))):
+        return None
+    return t, c
+
+
 def check_targets(
     BT: tuple[int, int],
     device: torch.device,

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .. import LogpsStats, get_logps, get_logps_from_hidden
+from .._common import fold_logit_scale
 
 
 def logit_scale(cfg) -> tuple[float | None, str]:
@@ -77,18 +78,14 @@ class LogpsHead:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         cap = getattr(cfg, "final_logit_softcapping", None) or None
         scale, where = logit_scale(cfg)
-        # z = softcap_c(s x) = s softcap_{c/s}(x) for s > 0: the hidden path takes the scale as
-        # a temperature 1/s and the cap as c/s.
-        self.softcap, self.temperature = cap, 1.0
-        if scale is not None and scale > 0:
-            self.temperature = 1.0 / scale
-            self.softcap = cap / scale if cap is not None else None
+        folded = fold_logit_scale(scale, 1.0, cap)  # the scale as a temperature and a cap
+        self.temperature, self.softcap = folded if folded is not None else (1.0, cap)
         if type(head) is not torch.nn.Linear:
             self.fallback = (f"its lm_head is {type(head).__module__}.{type(head).__qualname__}, not a "
                              f"plain torch.nn.Linear")
         elif self.base is None:
             self.fallback = f"it has no base model at .{prefix} to read the final hidden states from"
-        elif scale is None or scale <= 0:
+        elif folded is None:
             self.fallback = f"its logit scale ({where}) is not a positive number"
         else:
             self.fallback = None
