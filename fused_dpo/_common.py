@@ -106,6 +106,19 @@ def check_options(reduction: str, temperature: float, softcap: float | None, imp
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
+def upstream_grads(entropy_grad: bool, grad_out, grad_ext):
+    """(grad_out, grad_entropy) for a backward of the log-prob ops, or None when neither reached
+    the loss (only counts or logged statistics were used). grad_entropy is the entropy row of the
+    statistics' gradient when the entropy carries one, else None; a missing grad_out (only the
+    entropy reached the loss) becomes zeros."""
+    ge = grad_ext[0] if entropy_grad and grad_ext is not None else None
+    if grad_out is None:
+        if ge is None:
+            return None
+        grad_out = torch.zeros_like(ge)
+    return grad_out, ge
+
+
 def fold_logit_scale(scale, temperature: float, softcap: float | None):
     """(temperature, softcap) under which the kernels' softcap(x) / temperature equals
     softcap_c(scale * x) / temperature (TRL's order: scale, then cap), or None.

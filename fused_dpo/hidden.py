@@ -297,7 +297,7 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
     hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
+    grad_out, ge = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)  # materialized
     dh, dW, db = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels, mask, stats,
                                                counts, *ctx.args, need_h, need_w, need_b, ge)
     return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 13
@@ -322,12 +322,11 @@ class _HiddenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _gc, _gb, grad_ext):
-        ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
-        if grad_out is None and ge is None:  # only counts or logged statistics were used
+        grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
+        if grads is None:
             return (None,) * 16
+        grad_out, ge = grads
         hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
-        if grad_out is None:  # only the entropy reached the loss
-            grad_out = torch.zeros_like(ge)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
                                       *ctx.args, need_h, need_w, need_b, idx=ctx.idx,

@@ -118,7 +118,7 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
     logits, labels, stats, counts = ctx.saved_tensors
-    ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
+    grad_out, ge = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)  # materialized
     grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args, ge)
     return (grad,) + (None,) * 10
 
@@ -144,12 +144,11 @@ class _Logps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _gc, _gb, grad_ext):
-        ge = grad_ext[0] if ctx.entropy_grad and grad_ext is not None else None
-        if grad_out is None and ge is None:  # only counts or logged statistics were used
+        grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
+        if grads is None:
             return (None,) * 12
+        grad_out, ge = grads
         logits, labels, stats, counts = ctx.saved_tensors
-        if grad_out is None:  # only the entropy reached the loss
-            grad_out = torch.zeros_like(ge)
         if ctx.inplace_backward:
             grad = logits
         else:
