@@ -3,6 +3,9 @@
 Where a value comes from, later wins: DPOConfig's defaults, then (with --resume) the run's own
 config.json, then --config FILE, then the preset, then the flags. Every error is one line,
 `error: ...` on stderr, exit code 2, and nothing is written.
+
+Under torchrun (`torchrun --nproc-per-node N -m fused_dpo train --parallel ddp|fsdp2 ...`) every rank
+runs this same command; rank 0 alone prints, and an error names the rank that raised it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import re
 import sys
@@ -92,6 +96,12 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _say(*args) -> None:
+    """print, on rank 0 only under torchrun (before the process group exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args)
+
+
 def _flags(args) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
@@ -106,7 +116,7 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
     base = Path(explicit) if explicit is not None else (
         rundir.latest(DEFAULT_OUTPUT) if args.resume else rundir.next_free(DEFAULT_OUTPUT))
     if explicit is None and base != DEFAULT_OUTPUT and not args.resume:
-        print(f"{DEFAULT_OUTPUT} holds an earlier run: this one goes to {base}")
+        _say(f"{DEFAULT_OUTPUT} holds an earlier run: this one goes to {base}")
     names = ["margin-explosion", "margin-explosion-fixed"] if args.preset else [None]
     plans = []
     for name in names:
@@ -121,7 +131,7 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
         if name:
             kept = {k: v for k, v in flags.items() if k in PRESETS[name] and v != PRESETS[name][k]}
             if kept:
-                print(f"--preset {name}: your " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                _say(f"--preset {name}: your " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                                            for k, v in kept.items())
                       + " replaces the preset's value")
         cfg = DPOConfig.from_dict({k: v for layer in layers for k, v in layer.items()})
@@ -133,10 +143,12 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
 
 
 def run(args, cfg: DPOConfig, sources: dict) -> dict:
+    from . import distributed
     from .data import load_rows, row_texts
     from .models import load_model
     from .trainer import DPOTrainer
 
+    d = distributed.setup(cfg.parallel)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = load_rows(sources["data"], seed=cfg.seed)
@@ -147,13 +159,14 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     train_rows = [rows[i] for i in order[n_eval:]]
     model, tok = load_model(sources["model"], row_texts(rows), cfg.seed)
     if torch.cuda.is_available():
-        model = model.cuda()
-    print(f"model {sources['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        model = model.to(d.device)
+    _say(f"model {sources['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters; data {sources['data']}: {len(train_rows)} train / {len(eval_rows)} held-out "
           f"pairs; output {cfg.output_dir}")
-    trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources)
+    trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources, dist=d)
     result = trainer.train(resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-    _summary(result, Path(cfg.output_dir))
+    if d.main:
+        _summary(result, Path(cfg.output_dir))
     return result
 
 
@@ -174,16 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, cfg, sources in plans:
             if name:
-                print(f"== {name}: " + json.dumps(PRESETS[name]))
+                _say(f"== {name}: " + json.dumps(PRESETS[name]))
             results[name] = run(args, cfg, sources)
         if args.preset:
             bad, good = results["margin-explosion"], results["margin-explosion-fixed"]
-            print(f"failing configuration flagged: {sorted(set(bad['flags'])) or 'nothing'}; "
+            _say(f"failing configuration flagged: {sorted(set(bad['flags'])) or 'nothing'}; "
                   f"fixed configuration flagged: {sorted(set(good['flags'])) or 'nothing'}")
             return 0
     except (ValueError, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f"rank {rank}: " if rank is not None else ""
+        print(f"error: {where}" + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 3 if results[None]["stopped"] else 0
 
 

@@ -48,6 +48,8 @@ class DPOConfig:
     disable_dropout: bool = True
     reference: str = "model"  # model | precomputed | none
     logps_impl: str = "auto"  # fused_dpo impl for the log-probs
+    # several processes (torchrun): none | ddp | fsdp2; batch_size is then per rank
+    parallel: str = "none"
     # LoRA (peft): adapters of rank lora_r on the lora_target_modules layers, scaled by
     # lora_alpha / lora_r; the reference is the same model with its adapters off. None: full FT.
     lora_r: int | None = None
@@ -156,6 +158,7 @@ CHOICES = {
     "loss_reduction": ("mean", "sum"), "lr_scheduler": ("constant", "linear", "cosine"),
     "truncation_side": ("left", "right"), "precision": ("fp32", "bf16", "fp16"),
     "reference": ("model", "precomputed", "none"), "logps_impl": IMPLS,
+    "parallel": ("none", "ddp", "fsdp2"),
 }
 
 ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head

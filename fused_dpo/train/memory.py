@@ -1,6 +1,7 @@
 """The bytes of model state a trainer holds, summed from its tensors: parameters (of the policy and
 the reference model), gradients and optimizer state. Each storage counts once, so a tied embedding,
-or a LoRA reference that is the policy's own base weights, is not counted twice."""
+or a LoRA reference that is the policy's own base weights, is not counted twice. Under FSDP2, what
+this rank holds: its shards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 def _add(seen: set, t: torch.Tensor | None) -> int:
     if t is None:
         return 0
+    if hasattr(t, "to_local"):  # an FSDP2 DTensor: this rank's shard is what it holds
+        t = t.to_local()
     s = t.untyped_storage()
     key = (t.device, s.data_ptr())
     if key in seen or s.nbytes() == 0:

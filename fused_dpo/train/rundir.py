@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .checkpoint import CKPT, atomic_write_text
 
 METRICS, CONFIG, RUN = "metrics.jsonl", "config.json", "run.json"
-# The checkpoint comes first: `clear` deletes in this order, so a run replaced by --overwrite and
+SHARDED = "checkpoint"  # the folder of a distributed run's sharded checkpoints (sharded.py)
+# The checkpoints come first: `clear` deletes in this order, so a run replaced by --overwrite and
 # killed half-way can never leave the old model beside the new run's config and metrics.
-RUN_FILES = (CKPT, METRICS, CONFIG, RUN, "health.md", "curves.png")
+RUN_FILES = (CKPT, SHARDED, METRICS, CONFIG, RUN, "health.md", "curves.png")
 
 
 def check_output_dir(out: Path) -> None:
@@ -56,7 +58,11 @@ def temporaries(out: Path) -> list[Path]:
 def clear(out: Path) -> None:
     """Delete a previous run's files (only those: anything else in the folder is left alone)."""
     for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def numbered(base: Path, n: int) -> Path:

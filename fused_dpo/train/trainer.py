@@ -14,7 +14,8 @@ held-out evaluation; the checkpoint saved at step k holds them too. The last row
 Around the loop, in their own modules: the model adapter (`hf`), LoRA adapters and their reference
 (`lora`), the checkpoint format and its fingerprints (`checkpoint`), the run directory (`rundir`),
 the learning-rate schedule (`schedule`), the health checks (`health`), TRL's per-token metrics
-(`token_metrics`) and the model-state bytes (`memory`).
+(`token_metrics`), the model-state bytes (`memory`), and for a run over several processes, DDP or
+FSDP2 (`distributed`) with sharded checkpoints (`sharded`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import copy
 import json
 import os
 import random
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 import torch
 
+from .. import LogpsStats
 from ..losses import REFERENCE_FREE, BCOState, dpo_loss
-from . import lora, rundir
+from . import distributed, lora, rundir, sharded
 from .checkpoint import (
     CKPT,
     FORMAT,
@@ -45,10 +48,12 @@ from .checkpoint import (
 )
 from .config import DPOConfig
 from .data import Tokenized, collate, tokenize
+from .distributed import Dist, GlobalBCOState, LogpsModule
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
 from .memory import model_state_bytes
 from .schedule import lr_lambda
+from .token_metrics import KEYS as TOKEN_KEYS
 from .token_metrics import STATS, averages, token_sums
 
 # LogpsHead lives in .hf; it stays importable from here (bench/train_step.py imports it so).
@@ -57,13 +62,19 @@ __all__ = ["DPOTrainer", "LogpsHead"]
 
 class DPOTrainer:
     def __init__(self, model, ref_model, tokenizer, train_dataset, eval_dataset=None,
-                 config: DPOConfig | None = None, sources: dict | None = None):
+                 config: DPOConfig | None = None, sources: dict | None = None, dist: Dist | None = None):
         """`ref_model=None` uses a frozen copy of the initial policy, or with LoRA (`lora_r`) the
         policy itself with its adapters off (no second copy of the weights). `sources` says how the caller
         built the model and the data (e.g. {"model": "tiny", "data": "zen"}); it is recorded in
-        run.json, which is how `fused-dpo train --resume` finds them again."""
+        run.json, which is how `fused-dpo train --resume` finds them again. `dist` is this process's
+        place in a distributed run (`distributed.setup(config.parallel)`); every rank builds the
+        same model, data and config and constructs the trainer."""
         self.config = cfg = config or DPOConfig()
         cfg.validate()
+        self.dist = d = dist if dist is not None else Dist()
+        if d.parallel != cfg.parallel:
+            raise ValueError(f"config.parallel is {cfg.parallel!r} but the process group was set up "
+                             f"for {d.parallel!r}: pass dist=distributed.setup(config.parallel)")
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.sources = dict(sources or {})
@@ -109,11 +120,22 @@ class DPOTrainer:
         if self.lora:
             self.fingerprints["base"] = base
             self.adapters = lora.summary(model)
-            print(f"LoRA r={cfg.lora_r} alpha={cfg.effective_lora_alpha:g} on "
+            self._print(f"LoRA r={cfg.lora_r} alpha={cfg.effective_lora_alpha:g} on "
                   f"{', '.join(self.adapters['target_modules'])}: "
                   f"{self.adapters['trainable_parameters']:,} trainable parameters of "
                   f"{self.adapters['parameters']:,}")
 
+        # The forward passes DDP and FSDP2 wrap: the policy (and, under LoRA, its reference: the same
+        # model with the adapters off), and a separate reference model. Sharded after the
+        # fingerprints above were taken of the whole weights.
+        heads = {"policy": self.policy_logps}
+        if self.lora and self.ref_model is model:
+            heads["reference"] = self.ref_logps
+        self.policy_module = distributed.wrap(LogpsModule(model, heads), d, cfg.precision, True)
+        self.ref_module = None
+        if self.ref_model is not None and self.ref_model is not model:
+            self.ref_module = distributed.wrap(LogpsModule(self.ref_model, {"policy": self.ref_logps}),
+                                               d, cfg.precision, False)
         # Only the trainable parameters (all of them, or the adapters under LoRA).
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
@@ -121,7 +143,7 @@ class DPOTrainer:
         steps = self.total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps))
         self.monitor = HealthMonitor(cfg.beta, steps, self._expected_step0_loss(), cfg.max_bad_steps)
-        self.bco = BCOState()
+        self.bco = self._new_bco()
         self.run_id: str | None = None
         self.step = 0
         self.position = 0  # pairs consumed from the (epoch-shuffled) training stream
@@ -134,9 +156,11 @@ class DPOTrainer:
         if cfg.reference == "none":
             return None, None, "none"
         if ref_model is None and self.lora:
-            # The policy's own base weights, not a second copy; lora_B starts at 0.
+            # The policy's own base weights, not a second copy; lora_B starts at 0. Its head reads
+            # the model with the adapters off (`_reference` switches them off around the call);
+            # the policy's head already warned about a fallback to logits, if any.
             self.ref_is_copy = True
-            return model, lora.ReferenceLogps(model, cfg.logps_impl), \
+            return model, LogpsHead(model.get_base_model(), cfg.logps_impl, warn=False), \
                 "the policy with its LoRA adapters disabled"
         source = "the model passed as ref_model"
         if ref_model is None:
@@ -155,14 +179,19 @@ class DPOTrainer:
             return data
         tk = tokenize(list(data), self.tokenizer, self.config.max_length, self.config.truncation_side)
         if tk.skipped:
-            print(f"[{what} data] {tk.report()}")
+            self._print(f"[{what} data] {tk.report()}")
         return tk
 
     def total_steps(self) -> int:
         cfg = self.config
         if cfg.num_epochs is None:
             return cfg.max_steps
-        return max(1, cfg.num_epochs * len(self.train_data.pairs) // cfg.effective_batch_size)
+        return max(1, cfg.num_epochs * len(self.train_data.pairs) // self.global_batch_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step: batch_size per rank x ranks x accumulation steps."""
+        return self.config.effective_batch_size * self.dist.world
 
     def _expected_step0_loss(self) -> float | None:
         """The logged loss at policy == reference (log 2 for DPO, times the batch size when the
@@ -177,7 +206,7 @@ class DPOTrainer:
         z = torch.zeros(1, dtype=torch.float64)
         loss, _ = dpo_loss(z - 1, z - 1, z - 1, z - 1, chosen_counts=z + 1, rejected_counts=z + 1,
                            **self._loss_kwargs(BCOState()))
-        return float(loss) * (cfg.batch_size if cfg.loss_reduction == "sum" else 1)
+        return float(loss) * (cfg.batch_size * self.dist.world if cfg.loss_reduction == "sum" else 1)
 
     def _loss_kwargs(self, bco: BCOState) -> dict:
         cfg = self.config
@@ -222,7 +251,13 @@ class DPOTrainer:
             cached = self.ref_cache[split]  # (pairs, 2): chosen, rejected
             return torch.cat([cached[idx, 0], cached[idx, 1]]).to(self.device)
         with self._autocast():
-            return self.ref_logps(batch).logps.float()
+            return self._ref_forward(batch).logps.float()
+
+    def _ref_forward(self, batch) -> LogpsStats:
+        if self.ref_module is None:  # LoRA: the policy's own model with its adapters off
+            with lora.adapters_off(self.model):
+                return _call(self.policy_module, batch, "reference")
+        return _call(self.ref_module, batch, "policy")
 
     @torch.no_grad()
     def precompute_reference(self) -> None:
@@ -235,10 +270,10 @@ class DPOTrainer:
             for s in range(0, len(data.pairs), bs):
                 idx = list(range(s, min(s + bs, len(data.pairs))))
                 with self._autocast():
-                    lp = self.ref_logps(self._batch(data, idx)).logps.float().cpu()
+                    lp = self._ref_forward(self._batch(data, idx)).logps.float().cpu()
                 out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx) :]
             self.ref_cache[split] = out
-        self.ref_model = self.ref_logps = None
+        self.ref_model = self.ref_logps = self.ref_module = None
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_loss(self, data: Tokenized, idx: list[int], split: str, bco: BCOState):
@@ -248,7 +283,7 @@ class DPOTrainer:
         batch = self._batch(data, idx)
         ref = self._reference(data, idx, batch, split)
         with self._autocast():
-            out = self.policy_logps(batch)
+            out = _call(self.policy_module, batch, "policy")
         logps, counts = out.logps.float(), out.counts
         B = len(idx)
         tsums = token_sums(out, B)
@@ -290,20 +325,27 @@ class DPOTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self.optimizer.zero_grad(set_to_none=True)
+        d, accum = self.dist, cfg.gradient_accumulation_steps
         sums: dict[str, float] = {}
         tsums = 0.0
         finite = True
-        for _ in range(cfg.gradient_accumulation_steps):
-            idx = self._pair_indices(cfg.batch_size)
-            loss, m, _, ts = self._forward_loss(self.train_data, idx, "train", self.bco)
-            if cfg.loss_reduction == "sum":
-                loss = loss * len(idx)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss / cfg.gradient_accumulation_steps).backward()
+        for micro in range(accum):
+            # Every rank draws the same global batch and keeps its slice.
+            idx = self._pair_indices(cfg.batch_size * d.world)[d.rank * cfg.batch_size:
+                                                                (d.rank + 1) * cfg.batch_size]
+            with distributed.gradient_sync(self.policy_module, micro == accum - 1):
+                loss, m, _, ts = self._forward_loss(self.train_data, idx, "train", self.bco)
+                if cfg.loss_reduction == "sum":
+                    # DDP and FSDP2 average the ranks' gradients: x world makes it the global sum.
+                    loss = loss * len(idx) * d.world
+                # All ranks skip the step together, or none does (a rank that skipped backward
+                # alone would leave the others waiting in its gradient reduction).
+                if not d.all_true(torch.isfinite(loss)):
+                    finite = False
+                    break
+                (loss / accum).backward()
             for k, v in {"loss": loss.detach(), **m}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
             tsums = tsums + ts
         step = self.step
         self.step += 1
@@ -313,15 +355,19 @@ class DPOTrainer:
             self._announce(self.monitor.nonfinite(step)[0])
             return None
         clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = distributed.clip_grad_norm(self.params, clip)  # of the whole, global gradient
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        # Global numbers: the ranks' means averaged, their token counts and token sums added.
+        sums = d.mean_metrics(sums, summed=("tokens",))
+        tsums = d.all_reduce(torch.as_tensor(tsums, dtype=torch.float64))
+        peak = float(d.all_reduce(torch.tensor(_peak_mem_mib(self.device), dtype=torch.float64),
+                                  torch.distributed.ReduceOp.MAX))
         secs = time.perf_counter() - t0
-        tokens = sums.pop("tokens") * cfg.gradient_accumulation_steps
+        tokens = sums.pop("tokens") * accum
         m = dict(step=step, **sums, **averages(tsums), grad_norm=float(grad_norm), lr=lr,
-                 tokens_per_s=tokens / secs,
-                 peak_mem_MiB=_peak_mem_mib(self.device),
+                 tokens_per_s=tokens / secs, peak_mem_MiB=peak,
                  epoch=self.position / len(self.train_data.pairs))
         flags = self.monitor.observe(step, m)
         self._announce(flags)
@@ -340,20 +386,26 @@ class DPOTrainer:
             return {}, 0, 0
         self.model.eval()
         n = len(self.eval_data.pairs)
-        loss_sum = margin_sum = 0.0
-        right = wrong = 0
-        tsums = 0.0
+        d, bs = self.dist, self.config.batch_size
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, margin, right, wrong
+        tsums = torch.zeros(len(TOKEN_KEYS), 2, dtype=torch.float64)
+        bco = copy.deepcopy(self.bco)
         with torch.no_grad():
-            for s in range(0, n, self.config.batch_size):
-                idx = list(range(s, min(s + self.config.batch_size, n)))
-                loss, _, margins, ts = self._forward_loss(self.eval_data, idx, "eval",
-                                                          copy.deepcopy(self.bco))
-                tsums = tsums + ts
-                loss_sum += float(loss) * len(idx)
-                margin_sum += float(margins.double().sum())
-                right += int((margins > 0).sum())
-                wrong += int((margins < 0).sum())
+            # Global batches of bs x world pairs, each rank its slice. A rank whose slice of the
+            # last one is empty still runs a forward (FSDP2's gathers need every rank), on pair 0,
+            # and adds nothing.
+            for s in range(0, n, bs * d.world):
+                idx = list(range(s, min(s + bs * d.world, n)))[d.rank * bs:(d.rank + 1) * bs]
+                bco.active = active = bool(idx)
+                loss, _, margins, ts = self._forward_loss(self.eval_data, idx or [0], "eval", bco)
+                if active:
+                    tsums += ts.cpu()
+                    sums += torch.tensor([float(loss) * len(idx), float(margins.double().sum()),
+                                          int((margins > 0).sum()), int((margins < 0).sum())],
+                                         dtype=torch.float64)
         self.model.train()
+        (loss_sum, margin_sum, right, wrong), tsums = d.all_reduce(sums).tolist(), d.all_reduce(tsums)
+        right, wrong = int(right), int(wrong)
         # Sums divided once: an accuracy of 160/160 reads 1.0, not 0.9999999999999999.
         return ({"eval/loss": loss_sum / n, "eval/rewards/accuracies": right / n,
                  "eval/rewards/margins": margin_sum / n, **averages(tsums, "eval/")}, right, wrong)
@@ -368,87 +420,150 @@ class DPOTrainer:
         return {**ev, "flags": [f.name for f in flags]}
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def _new_bco(self, mean: float = 0.0, count: int = 0) -> BCOState:
+        # Under several ranks, BCO's running reward mean takes in every rank's rewards.
+        return (GlobalBCOState if self.dist.enabled else BCOState)(mean, count)
+
+    def _trainer_state(self) -> dict:
+        """What a checkpoint holds besides the model, the optimizer and the RNG states."""
+        return {"format": FORMAT, "run_id": self.run_id, "step": self.step, "position": self.position,
+                "scheduler": self.scheduler.state_dict(), "monitor": self.monitor.state_dict(),
+                "bco": {"mean": self.bco.mean, "count": self.bco.count},
+                "ref_cache": self.ref_cache, "config": self.config.to_dict(),
+                "fingerprints": self.fingerprints}
+
     def save(self) -> None:
+        if self.dist.enabled:  # every rank its shards (sharded.py)
+            sharded.save(self.out, self.dist, self.model, self.optimizer, self._trainer_state(),
+                         adapters_only=self.lora)
+            return
         save_checkpoint(self.out / CKPT, {
-            "format": FORMAT, "run_id": self.run_id, "step": self.step, "position": self.position,
+            **self._trainer_state(),
             "model": lora.adapter_state(self.model) if self.lora else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "monitor": self.monitor.state_dict(),
-            "bco": vars(self.bco).copy(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     # dropout on a GPU draws from the CUDA generators
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "ref_cache": self.ref_cache, "config": self.config.to_dict(),
-            "fingerprints": self.fingerprints,
         })
 
-    def _load(self, s: dict) -> None:
-        if self.lora:
-            lora.load_adapter_state(self.model, s["model"])
+    def _load(self, s: dict, target: Path | None = None) -> None:
+        """Restore checkpoint `s`: a single-process one, or the trainer state of the sharded one in
+        `target`, whose model and optimizer shards and this rank's RNG states are read here."""
+        if target is not None:
+            rng = sharded.load(target, self.dist, self.model, self.optimizer, adapters_only=self.lora)
         else:
-            self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
+            if self.lora:
+                lora.load_adapter_state(self.model, s["model"])
+            else:
+                self.model.load_state_dict(s["model"])
+            self.optimizer.load_state_dict(s["optimizer"])
+            rng = s["rng"]
         self.scheduler.load_state_dict(s["scheduler"])
         self.monitor.load_state_dict(s["monitor"])
-        self.bco = BCOState(**s["bco"])
+        self.bco = self._new_bco(s["bco"]["mean"], s["bco"]["count"])
         self.run_id, self.step, self.position = s["run_id"], s["step"], s["position"]
         self.ref_cache = s["ref_cache"]
         if self.config.reference == "precomputed":  # the log-probs came with the checkpoint
-            self.ref_model = self.ref_logps = None
-        torch.set_rng_state(s["rng"]["torch"].cpu())
-        random.setstate(_as_tuples(s["rng"]["python"]))
-        cuda = s["rng"].get("cuda") or []  # absent in older checkpoints
+            self.ref_model = self.ref_logps = self.ref_module = None
+        torch.set_rng_state(rng["torch"].cpu())
+        random.setstate(_as_tuples(rng["python"]))
+        cuda = rng.get("cuda") or []  # absent in older checkpoints
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
 
     # -- starting and resuming -------------------------------------------------------------------
     def _start(self, overwrite: bool) -> None:
+        d = self.dist
         found = rundir.check_fresh(self.out, overwrite)
+        d.barrier()  # every rank has checked before rank 0 writes
         # Nothing was written before this point.
-        self.out.mkdir(parents=True, exist_ok=True)
-        for p in rundir.temporaries(self.out):
-            p.unlink()
-        if found:
-            print(f"--overwrite: replacing the run in {self.out}")
-            rundir.clear(self.out)
-        self.run_id = uuid.uuid4().hex[:12]
-        torch.manual_seed(self.config.seed)  # dropout, if enabled, is the only randomness in a step
-        random.seed(self.config.seed)
-        rundir.write_run_json(self.out, {"run_id": self.run_id, "sources": self.sources,
-                                          "reference": self.ref_source,
-                                          **({"lora": self.adapters} if self.lora else {}),
-                                          "fingerprints": self.fingerprints, "resumes": []})
-        atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
-        atomic_write_text(self.out / rundir.METRICS, "")
-        self._announce(self.monitor.check_config(self.config.effective_batch_size))
+        self.run_id = d.broadcast(uuid.uuid4().hex[:12])
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for p in rundir.temporaries(self.out):
+                p.unlink()
+            if found:
+                print(f"--overwrite: replacing the run in {self.out}")
+                rundir.clear(self.out)
+            rundir.write_run_json(self.out, {"run_id": self.run_id, "sources": self.sources,
+                                              "reference": self.ref_source,
+                                              **({"lora": self.adapters} if self.lora else {}),
+                                              **self._shape(), "fingerprints": self.fingerprints,
+                                              "resumes": []})
+            atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
+            atomic_write_text(self.out / rundir.METRICS, "")
+        d.barrier()
+        # Dropout, if enabled, is the only randomness in a step: each rank its own stream.
+        torch.manual_seed(self.config.seed + d.rank)
+        random.seed(self.config.seed + d.rank)
+        if d.enabled:
+            cfg = self.config
+            self._print(f"{cfg.parallel} on {d.world} ranks: global batch {self.global_batch_size} "
+                        f"pairs per step = {cfg.batch_size} per rank x {d.world} ranks x "
+                        f"{cfg.gradient_accumulation_steps} accumulation steps")
+        self._announce(self.monitor.check_config(self.global_batch_size))
         if self.config.reference == "precomputed":
             self.precompute_reference()
 
+    def _shape(self) -> dict:
+        """How the run is spread over processes (run.json; a resume must match it)."""
+        return {"parallel": self.dist.parallel, "world_size": self.dist.world} if self.dist.enabled else {}
+
     def _resume(self) -> None:
+        d = self.dist
         rundir.check_output_dir(self.out)
-        ckpt, run_json = self.out / CKPT, self.out / rundir.RUN
-        if not ckpt.exists() and run_json.exists():
+        run_json = self.out / rundir.RUN
+        target = None
+        if d.enabled:
+            target = sharded.latest(self.out)
+            if target is None and (self.out / CKPT).exists():
+                raise ValueError(f"--resume: {self.out} holds a single-process run "
+                                 f"({CKPT}); resume it without --parallel")
+            found = target is not None
+        else:
+            found = (self.out / CKPT).exists()
+            if not found and sharded.latest(self.out) is not None:
+                run = rundir.read_run_json(self.out)
+                raise ValueError(f"--resume: {self.out} holds a run sharded over "
+                                 f"{run.get('world_size', '?')} ranks ({run.get('parallel', '?')}); "
+                                 f"resume it with torchrun --nproc-per-node {run.get('world_size', '?')}"
+                                 f" ... --parallel {run.get('parallel', '?')}")
+        if not found and run_json.exists():
             raise ValueError(f"--resume: {self.out} holds a run that stopped before its first "
                              f"checkpoint (save_steps={self.config.save_steps}); there is nothing to "
                              f"resume: start it again with --overwrite")
-        s = load_checkpoint(ckpt, self.device)
+        if target is not None:
+            s = sharded.read_trainer_state(target, self.device)
+        else:
+            s = load_checkpoint(self.out / CKPT, self.device)
         run = rundir.read_run_json(self.out)
         allowed = check_resumable(s, run, self.config.to_dict(), self.fingerprints,
                                   check_reference=self.config.reference == "model")
+        if d.enabled and s["world_size"] != d.world:
+            raise ValueError(f"--resume: the run was trained on {s['world_size']} ranks, this job has "
+                             f"{d.world}; the global batch, each rank's data and its RNG states "
+                             f"depend on it: resume with torchrun --nproc-per-node {s['world_size']}")
         kept, note = rundir.read_metrics(self.out / rundir.METRICS, s["step"])
+        d.barrier()  # every rank has checked before rank 0 writes
         # Every check passed: the writes start here.
-        for p in rundir.temporaries(self.out):
-            print(f"removed {p.name}, left by a save that was killed")
-            p.unlink()
-        atomic_write_text(self.out / rundir.METRICS, "".join(kept))
-        if note:
-            print(note)
-        if allowed:
-            print(f"--resume at step {s['step']} with {describe_changes(allowed)}")
-            run["resumes"].append({"step": s["step"], "changed": allowed})
-            rundir.write_run_json(self.out, run)
-            atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self._load(s)
+        if d.main:
+            for p in rundir.temporaries(self.out):
+                print(f"removed {p.name}, left by a save that was killed")
+                p.unlink()
+            for p in sharded.leftovers(self.out):
+                print(f"removed {p.relative_to(self.out)}, left by a save that was killed")
+                shutil.rmtree(p)
+            atomic_write_text(self.out / rundir.METRICS, "".join(kept))
+            if note:
+                print(note)
+            if allowed:
+                print(f"--resume at step {s['step']} with {describe_changes(allowed)}")
+                run["resumes"].append({"step": s["step"], "changed": allowed})
+                rundir.write_run_json(self.out, run)
+                atomic_write_text(self.out / rundir.CONFIG,
+                                  json.dumps(self.config.to_dict(), indent=2) + "\n")
+        d.barrier()
+        self._load(s, target)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: bool = False, progress: bool = True, until_step: int | None = None,
@@ -465,10 +580,11 @@ class DPOTrainer:
             self._start(overwrite)
         total = self.total_steps()
         end = total if until_step is None else min(total, until_step)
-        bar = _progress(total, self.step, progress)
+        bar = _progress(total, self.step, progress and self.dist.main)
         stopped = None
         try:
-            with open(self.out / rundir.METRICS, "a") as log:
+            # Rank 0 alone writes the log (the others' metrics are the same global numbers).
+            with (open(self.out / rundir.METRICS, "a") if self.dist.main else _NoLog()) as log:
                 while self.step < end and stopped is None:
                     step = self.step
                     ev = self._evaluate_and_check(step) if step % cfg.eval_steps == 0 else {}
@@ -485,9 +601,10 @@ class DPOTrainer:
                     if self.monitor.bad_in_a_row >= cfg.max_bad_steps:
                         stopped = (f"training stopped at step {step}: {self.monitor.bad_in_a_row} "
                                    f"NaN/inf losses in a row (max_bad_steps={cfg.max_bad_steps})")
-                        print(stopped)
+                        self._print(stopped)
                     elif self.step % cfg.save_steps == 0 or self.step == end:
-                        os.fsync(log.fileno())  # the log is never behind the checkpoint
+                        if self.dist.main:
+                            os.fsync(log.fileno())  # the log is never behind the checkpoint
                         self.save()
                 if self.step == total and stopped is None:
                     ev = self._evaluate_and_check(self.step)
@@ -498,6 +615,12 @@ class DPOTrainer:
         return self.finish(stopped)
 
     def finish(self, stopped: str | None) -> dict:
+        d = self.dist
+        state = model_state_bytes([self.model, self.ref_model], self.optimizer)
+        per_rank = d.gather(state)  # a collective: before rank 0 goes its own way
+        if not d.main:
+            return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
+                    "model_state_bytes": state, "model_state_bytes_per_rank": per_rank}
         rows = [json.loads(ln) for ln in _read_lines(self.out / rundir.METRICS)]
         evals = [r for r in rows if "eval/rewards/accuracies" in r]
         extra = [f"Training data: {self.train_data.report()}."]
@@ -513,10 +636,14 @@ class DPOTrainer:
                          f"{a['step']}, {b['entropy']:.3f} at step {b['step']}; chosen tokens "
                          f"predicted top-1: {a['mean_token_accuracy']:.3f}, "
                          f"{b['mean_token_accuracy']:.3f}.")
-        state = model_state_bytes([self.model, self.ref_model], self.optimizer)
-        extra.append("Model state held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in state.items())
-                     + (" (LoRA: the reference is the policy's own base weights)" if self.lora else "")
-                     + ".")
+        lora_note = " (LoRA: the reference is the policy's own base weights)" if self.lora else ""
+        if d.enabled:
+            extra.append(f"Model state held per rank ({self.config.parallel}, {d.world} ranks): " + "; ".join(
+                f"rank {r}: total {b['total'] / 2**20:.2f} MiB" for r, b in enumerate(per_rank))
+                + f"{lora_note}.")
+        else:
+            extra.append("Model state held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB"
+                                                          for k, v in state.items()) + f"{lora_note}.")
         if stopped:
             extra.append(f"**Stopped:** {stopped}")
         atomic_write_text(self.out / "health.md", self.monitor.report(extra))
@@ -527,11 +654,40 @@ class DPOTrainer:
         except ImportError:
             print("matplotlib is not installed: no plots (pip install fused_dpo[plot])")
         return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
-                "eval": evals[-1] if evals else {}, "metrics": rows, "model_state_bytes": state}
+                "eval": evals[-1] if evals else {}, "metrics": rows, "model_state_bytes": state,
+                "model_state_bytes_per_rank": per_rank}
+
+    def _print(self, *args) -> None:
+        if self.dist.main:  # one voice for the job
+            print(*args)
 
     def _announce(self, flags) -> None:
         for f in flags:
-            print(f"[health] step {f.step}: {f.name}: {f.message}")
+            self._print(f"[health] step {f.step}: {f.name}: {f.message}")
+
+
+def _call(module, batch, head: str) -> LogpsStats:
+    """A LogpsModule (or its DDP/FSDP2 wrapper) on one [chosen; rejected] batch."""
+    return module(batch["input_ids"], batch["attention_mask"], batch["response_mask"], head=head)
+
+
+class _NoLog:
+    """The metrics log of a rank other than 0: writes nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int | None:
+        return None
 
 
 def _as_tuples(x):
