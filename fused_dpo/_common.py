@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
@@ -71,6 +72,16 @@ def stats_result(out, counts, ext, stats: tuple[str, ...], entropy_grad: bool) -
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def full_tensor(t):
+    """t gathered whole when it is a DTensor (an FSDP2-sharded weight; differentiable, the
+    backward reduce-scatters), else t. No import cost: a DTensor exists only once
+    torch.distributed.tensor has been imported."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is not None and isinstance(t, mod.DTensor):
+        return t.full_tensor()
+    return t
 
 
 def check_float(name: str, t: torch.Tensor, ndim: int) -> None:

@@ -130,23 +130,46 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
             mb[flat] = torch.where(active, mb_c, 0.0)
 
 
-def _reduce(tok, counts, code):
-    out = tok.sum(-1)
+def _reduce(out, counts, code):
+    """out: the per-sequence sums; "mean" divides them by the counts (0 where a count is 0)."""
     if code == MEAN:
         out = torch.where(counts != 0, out / torch.where(counts != 0, counts, 1.0), 0.0)
     return out
 
 
-def seq_reduce(stats, labels, *, V, shift, reduction):
+def segment_ids(cu_seqlens: torch.Tensor, R: int, shift: int) -> torch.Tensor:
+    """(R,) int64: the packed sequence of each row r, the one whose [cu[s], cu[s + 1]) holds the
+    target r + shift (an empty sequence owns no row)."""
+    targets = torch.arange(shift, R + shift, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, targets, right=True) - 1
+
+
+def _segment_sum(vals: torch.Tensor, seg: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """(..., R) -> (..., n_seq): the sums over each segment's rows."""
+    out = vals.new_zeros((*vals.shape[:-1], n_seq))
+    return out.index_add_(-1, seg, vals)
+
+
+def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
     """See kernels.logps.seq_reduce."""
     zy, m, logs, w = stats[:4]
     R = zy.shape[1]
     code = REDUCTION_CODE[reduction]
     live = w != 0
     tok = torch.where(live, w * ((zy - m) - logs), 0.0)
-    counts = w.sum(-1)
     lab = labels[:, shift : shift + R]
-    bad = (live & ((lab < 0) | (lab >= V))).sum(-1, dtype=torch.int32)
+    bad_tok = live & ((lab < 0) | (lab >= V))
+    if cu_seqlens is None:
+        def total(v):
+            return v.sum(-1)
+    else:  # packed: B = 1, one sum per segment of the row
+        seg = segment_ids(cu_seqlens, R, shift)
+        n_seq = cu_seqlens.shape[0] - 1
+
+        def total(v):
+            return _segment_sum(v[..., 0, :], seg, n_seq)
+    counts = total(w)
+    bad = total(bad_tok.to(torch.int32)).to(torch.int32)
     ext = None
     if len(stats) > 4:
         pz, lq, sz, mb = stats[4:]
@@ -155,10 +178,10 @@ def seq_reduce(stats, labels, *, V, shift, reduction):
         ext = torch.where(live, w * ext, 0.0)
         ext[3] = torch.where(tok.isnan(), float("nan"), ext[3])  # a NaN row: NaN statistics
         if code != NONE:
-            ext = _reduce(ext, counts, code)
+            ext = _reduce(total(ext), counts, code)
     if code == NONE:
         return tok, counts, bad, ext
-    return _reduce(tok, counts, code), counts, bad, ext
+    return _reduce(total(tok), counts, code), counts, bad, ext
 
 
 def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,

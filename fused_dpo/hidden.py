@@ -27,7 +27,9 @@ import os
 import torch
 
 from . import _common
-from .logps import _acc_dtype, fake_outputs, stats_rows
+from .logps import _acc_dtype, fake_outputs, seq_reduce, stats_rows, token_grads
+from .packed import boundary_targets, check_cu_seqlens
+from .parallel import all_reduce_sum, vocab_shard
 from .reference import get_logps_from_hidden_reference
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -157,10 +159,12 @@ def _autocast_off(fn):
 
 @_autocast_off
 def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap,
-                    reduction, impl, compute_dtype, chunk_size, compact, with_stats=False):
+                    reduction, impl, compute_dtype, chunk_size, compact, with_stats=False,
+                    cu_seqlens=None, shard=None):
     launchers = _common.backend(impl, hidden.device)
     B, T, _H = hidden.shape
     V = weight.shape[0]
+    V_read, base = (shard.valid, shard.start) if shard is not None else (V, 0)  # no padding rows
     R = max(T - shift, 0)
     acc = _acc_dtype(compute_dtype)
     # Zeros: rows that are never visited (not scored) must read as weight 0.
@@ -170,29 +174,33 @@ def _hidden_forward(hidden, weight, bias, labels, mask, shift, ignore_index, tem
     h, _src = _rows_of(hidden, idx, R)
     h = h.to(compute_dtype)
     M = h.shape[0]
-    chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
+    chunk = chunk_size or auto_chunk_size(M, V_read, h.element_size())
     if M:
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
+        for v0 in range(0, V_read, chunk):
+            v1 = min(V_read, v0 + chunk)
             logits, _w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
             x = logits[None] if idx is not None else logits.view(B, R, v1 - v0)
-            launchers.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=v0,
+            launchers.row_stats(x, labels, mask, stats=parts, shift=shift, vocab_start=base + v0,
                                 ignore_index=ignore_index, inv_temp=1.0 / temperature,
                                 softcap=softcap, row_index=idx, accumulate=v0 > 0)
-    out, counts, bad, ext = launchers.seq_reduce(parts, labels, V=V, shift=shift,
-                                                 reduction=reduction)
+    out, counts, bad, ext = seq_reduce(launchers, parts, labels, V=V, shift=shift,
+                                       reduction=reduction, cu_seqlens=cu_seqlens, shard=shard)
     return out, counts, bad, stats, ext, idx  # ext: None without statistics
 
 
 @_autocast_off
 def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                      ignore_index, temperature, softcap, reduction, impl, compute_dtype, chunk_size,
-                     compact, need_h, need_w, need_b, idx=False, grad_entropy=None):
+                     compact, need_h, need_w, need_b, idx=False, grad_entropy=None, cu_seqlens=None,
+                     shard=None):
     launchers = _common.backend(impl, hidden.device)
     B, T, H = hidden.shape
     V = weight.shape[0]
+    V_read, base = (shard.valid, shard.start) if shard is not None else (V, 0)
     R = max(T - shift, 0)
     parts = stats.unbind(0)
+    grad_out, grad_entropy, reduction = token_grads(grad_out, grad_entropy, counts, cu_seqlens, R,
+                                                    shift, reduction)
     if idx is False:  # not handed over by the forward (the compiled op path): find them again
         idx = _scored_rows(labels, mask, ignore_index, shift, R, compact)
     h, src = _rows_of(hidden, idx, R)
@@ -202,16 +210,21 @@ def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts
         h = torch.where((parts[3].reshape(-1) != 0)[:, None], h, 0)
     h = h.to(compute_dtype)
     M = h.shape[0]
-    chunk = chunk_size or auto_chunk_size(M, V, h.element_size())
+    chunk = chunk_size or auto_chunk_size(M, V_read, h.element_size())
     acc = _acc_dtype(compute_dtype)
     dh = torch.zeros((M, H), dtype=acc, device=h.device) if need_h else None
     dW = torch.empty_like(weight) if need_w else None
     db = torch.empty(V, dtype=acc, device=h.device) if need_b else None
-    for v0 in range(0, V if M else 0, chunk):
-        v1 = min(V, v0 + chunk)
+    if V_read < V:  # a vocab shard's padding rows
+        for g in (dW, db):
+            if g is not None:
+                g[V_read:].zero_()
+    for v0 in range(0, V_read if M else 0, chunk):
+        v1 = min(V_read, v0 + chunk)
         g, w = _chunk_logits(h, weight, bias, v0, v1, compute_dtype)
         x = g[None] if idx is not None else g.view(B, R, v1 - v0)
-        launchers.row_grad(x, x, labels, parts, grad_out, counts, shift=shift, vocab_start=v0,
+        launchers.row_grad(x, x, labels, parts, grad_out, counts, shift=shift,
+                           vocab_start=base + v0,
                            inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
                            row_index=idx, grad_entropy=grad_entropy)
         if need_w:
@@ -226,6 +239,8 @@ def _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts
         if need_b:
             db.zero_()
     d_hidden = None
+    if need_h and shard is not None and M:
+        all_reduce_sum(dh, shard)  # each rank's dh covers its own vocab shard only
     if need_h:
         d_hidden = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device)
         d_hidden.index_copy_(0, src, dh.to(hidden.dtype))
@@ -240,22 +255,22 @@ def logps_from_hidden_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     mask: torch.Tensor | None, shift: int, ignore_index: int | None, temperature: float,
     softcap: float | None, reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int,
-    compact: bool, with_stats: bool, entropy_grad: bool,
+    compact: bool, with_stats: bool, entropy_grad: bool, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, counts, bad, stats, ext) for `get_logps_from_hidden`; chunk_size 0 = automatic.
     entropy_grad only tells autograd whether ext carries a gradient."""
     out, counts, bad, stats, ext, _idx = _hidden_forward(
         hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction,
-        impl, compute_dtype, chunk_size, compact, with_stats)
+        impl, compute_dtype, chunk_size, compact, with_stats, cu_seqlens)
     return out, counts, bad, stats, ext if ext is not None else out.new_empty((0,))
 
 
 @logps_from_hidden_op.register_fake
 def _(hidden, weight, bias, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
-      compute_dtype, chunk_size, compact, with_stats, entropy_grad):
+      compute_dtype, chunk_size, compact, with_stats, entropy_grad, cu_seqlens=None):
     B, T, _H = hidden.shape
     return fake_outputs(hidden, B, max(T - shift, 0), _acc_dtype(compute_dtype), reduction,
-                        with_stats)
+                        with_stats, cu_seqlens)
 
 
 @torch.library.custom_op("fused_dpo::logps_from_hidden_backward", mutates_args=())
@@ -265,19 +280,21 @@ def logps_from_hidden_backward_op(
     shift: int, ignore_index: int | None, temperature: float, softcap: float | None,
     reduction: str, impl: str, compute_dtype: torch.dtype, chunk_size: int, compact: bool,
     need_h: bool, need_w: bool, need_b: bool, grad_entropy: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias); a gradient that is not needed comes back empty (each its own
     tensor: a custom op's outputs may not alias one another)."""
     dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift,
                                   ignore_index, temperature, softcap, reduction, impl,
                                   compute_dtype, chunk_size, compact, need_h, need_w, need_b,
-                                  grad_entropy=grad_entropy)
+                                  grad_entropy=grad_entropy, cu_seqlens=cu_seqlens)
     return tuple(g if g is not None else hidden.new_empty((0,)) for g in (dh, dW, db))
 
 
 @logps_from_hidden_backward_op.register_fake
-def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
-    *_, need_h, need_w, need_b, _grad_entropy = args
+def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, shift, ignore_index, temperature,
+      softcap, reduction, impl, compute_dtype, chunk_size, compact, need_h, need_w, need_b,
+      grad_entropy, cu_seqlens=None):
     empty = lambda: hidden.new_empty((0,))  # noqa: E731
     # d_hidden is contiguous (B, T, H) whatever hidden's layout, as the real op returns it
     return (hidden.new_empty(hidden.shape) if need_h else empty(),
@@ -288,19 +305,19 @@ def _(grad_out, hidden, weight, bias, labels, mask, stats, counts, *args):
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, mask, *rest = inputs
     _out, counts, bad, stats, ext = output
-    ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
-    ctx.args = tuple(rest[:-2])  # without with_stats, entropy_grad
-    ctx.entropy_grad = rest[-1]
+    ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts, rest[-1])
+    ctx.args = tuple(rest[:-3])  # without with_stats, entropy_grad, cu_seqlens
+    ctx.entropy_grad = rest[-2]
     ctx.mark_non_differentiable(counts, bad, stats, *(() if ctx.entropy_grad else (ext,)))
 
 
 def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
-    hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
+    hidden, weight, bias, labels, mask, stats, counts, cu = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_out, ge = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)  # materialized
     dh, dW, db = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels, mask, stats,
-                                               counts, *ctx.args, need_h, need_w, need_b, ge)
-    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 13
+                                               counts, *ctx.args, need_h, need_w, need_b, ge, cu)
+    return (dh if need_h else None, dW if need_w else None, db if need_b else None) + (None,) * 14
 
 
 logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -309,10 +326,11 @@ logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_contex
 class _HiddenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, mask, *args):
-        *args, with_stats, entropy_grad = args
+        *args, with_stats, entropy_grad, cu_seqlens, shard = args
         out, counts, bad, stats, ext, idx = _hidden_forward(hidden, weight, bias, labels, mask,
-                                                            *args, with_stats)
-        ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts)
+                                                            *args, with_stats, cu_seqlens, shard)
+        ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts, cu_seqlens)
+        ctx.shard = shard
         ctx.idx = idx  # the scored rows: the backward needs no second host sync to find them
         ctx.args = args
         ctx.entropy_grad = entropy_grad
@@ -324,14 +342,20 @@ class _HiddenLogps(torch.autograd.Function):
     def backward(ctx, grad_out, _gc, _gb, grad_ext):
         grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
         if grads is None:
-            return (None,) * 16
+            return (None,) * 18
         grad_out, ge = grads
-        hidden, weight, bias, labels, mask, stats, counts = ctx.saved_tensors
+        hidden, weight, bias, labels, mask, stats, counts, cu_seqlens = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
                                       *ctx.args, need_h, need_w, need_b, idx=ctx.idx,
-                                      grad_entropy=ge)
-        return (dh, dW, db) + (None,) * 13
+                                      grad_entropy=ge, cu_seqlens=cu_seqlens, shard=ctx.shard)
+        return (dh, dW, db) + (None,) * 15
+
+
+@torch.compiler.disable
+def _apply_eager(*args):
+    """The vocab-parallel call: its all-reduces run eagerly (a graph break under torch.compile)."""
+    return _HiddenLogps.apply(*args)
 
 
 def check_head_args(hidden, weight, bias, *, reduction, temperature, softcap, impl, head_dtype,
@@ -385,6 +409,10 @@ def get_logps_from_hidden(
     validate: bool = True,
     stats=None,
     entropy_grad: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ):
     """`get_logps(hidden @ weight.T + bias, ...)` without ever building the (B, T, V) logits.
 
@@ -392,6 +420,8 @@ def get_logps_from_hidden(
         hidden: (B, T, H) final hidden states (after the model's last norm).
         weight: (V, H) lm_head weight; bias: optional (V,). The weight may be float32 master
             weights under bf16/fp16 hidden states (mixed precision), with or without autocast.
+            An FSDP2-sharded weight / bias (a DTensor) is gathered once per call with
+            `full_tensor()` (its backward reduce-scatters the gradient), never per chunk.
         input_ids, response_mask, labels, ignore_index, shift, reduction, return_counts,
         temperature, softcap, validate, stats, entropy_grad: exactly as in `fused_dpo.get_logps`
         (the statistics are merged across vocab chunks in the same pass; the mean logit is over
@@ -406,12 +436,20 @@ def get_logps_from_hidden(
         compact: keep only the scored positions (one host sync to find them). False computes
             every position with no sync; pass False for CUDA graphs, so that the warm-up runs
             the kernels the capture will replay (under capture compaction is off regardless).
+        cu_seqlens: packed inputs, hidden (1, total_T, H): as in `get_logps` (outputs per
+            sequence; compaction and vocab chunks as for a batch).
+        process_group, vocab_start, vocab_size: vocab-parallel, as in `get_logps`, with weight
+            (V_local, H) (and bias (V_local,)) this rank's rows of the lm_head; hidden, ids and
+            mask the same on every rank. The weight and bias gradients stay local (the shard's
+            rows; 0 for padding rows); the hidden-state gradient is all-reduced over the group,
+            so every rank gets the full one. Eager only (a graph break under torch.compile).
 
     Returns:
         As `get_logps`. Gradients flow to hidden, weight and bias, each in its own dtype (an fp32
         weight's gradient is accumulated in fp32). Finding the scored positions costs one host
         sync per pass; under CUDA graph capture every position is computed instead (no sync).
     """
+    weight, bias = _common.full_tensor(weight), _common.full_tensor(bias)
     check_head_args(hidden, weight, bias, reduction=reduction, temperature=temperature,
                     softcap=softcap, impl=impl, head_dtype=head_dtype, chunk_size=chunk_size)
     stats = _common.check_stats(stats, entropy_grad)
@@ -419,26 +457,36 @@ def get_logps_from_hidden(
     V = weight.shape[0]
     tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
                                ignore_index, "hidden")
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "weight")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T, hidden.device, "hidden", validate)
+        tg = boundary_targets(tg, cu_seqlens, int(shift))
     if impl == "reference":
+        if shard is not None:
+            raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
         if validate:
             _common.raise_bad_labels(tg, V, int(shift))
         return get_logps_from_hidden_reference(
             hidden, weight, input_ids, response_mask, bias=bias, labels=labels,
             ignore_index=ignore_index, shift=shift, reduction=reduction,
             return_counts=return_counts, temperature=temperature, softcap=softcap,
-            head_dtype=head_dtype, stats=stats, entropy_grad=entropy_grad,
+            head_dtype=head_dtype, stats=stats, entropy_grad=entropy_grad, cu_seqlens=cu_seqlens,
         )
     s = int(shift)
     args = (s, tg.ignore_index, float(temperature), float(softcap) if softcap is not None else None,
             reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0, bool(compact),
             bool(stats), bool(entropy_grad))
-    if torch.compiler.is_compiling():
+    if shard is not None:
+        out, counts, bad, ext = _apply_eager(hidden, weight, bias, tg.labels, tg.mask, *args,
+                                             cu_seqlens, shard)
+    elif torch.compiler.is_compiling():
         out, counts, bad, _stats, ext = logps_from_hidden_op(hidden, weight, bias, tg.labels,
-                                                             tg.mask, *args)
+                                                             tg.mask, *args, cu_seqlens)
     else:
-        out, counts, bad, ext = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args)
+        out, counts, bad, ext = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args,
+                                                   cu_seqlens, None)
     if validate:
-        _common.check_bad_count(bad, tg, V, s)
+        _common.check_bad_count(bad, tg, shard.size if shard is not None else V, s)
     if stats:
         return _common.stats_result(out, counts, ext, stats, bool(entropy_grad))
     return (out, counts) if return_counts else out

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import _common
+from .packed import boundary_targets, check_cu_seqlens
+from .parallel import vocab_shard
 from .reference import get_logps_reference
 
 
@@ -32,29 +34,67 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def seq_reduce(launchers, parts, labels, *, V, shift, reduction, cu_seqlens=None, shard=None):
+    """The per-sequence reduction of row statistics, after merging them across the vocab shards
+    of a vocab-parallel call (`shard`); per packed sequence with `cu_seqlens`."""
+    if shard is not None:
+        from .parallel import combine_shards
+
+        combine_shards(parts, labels, shift, shard)
+        V = shard.size
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    return launchers.seq_reduce(parts, labels, V=V, shift=shift, reduction=reduction, **packed)
+
+
+def local_columns(x: torch.Tensor, shard) -> torch.Tensor:
+    """The columns of a vocab shard that hold vocabulary ids (a view: the padding is dropped)."""
+    return x if shard is None or shard.valid == x.shape[-1] else x[..., : shard.valid]
+
+
 def _forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl,
-             with_stats):
+             with_stats, cu_seqlens=None, shard=None):
     """(out, counts, bad, stats, ext): the implementation behind both the op and the Function.
     ext is the (4, ...) bundle of reduced statistics (entropy, log sum p^2, mean logit, top-1)
-    with `with_stats`, else None (the op returns an empty tensor: its outputs are tensors)."""
+    with `with_stats`, else None (the op returns an empty tensor: its outputs are tensors).
+    cu_seqlens: packed sequences (B = 1); shard: this rank's VocabShard (vocab-parallel)."""
     launchers = _common.backend(impl, logits.device)
     B, T, V = logits.shape
     R = max(T - shift, 0)
     stats = _alloc_stats(B, R, _acc_dtype(logits.dtype), logits.device, with_stats)
     parts = stats.unbind(0)
-    launchers.row_stats(logits, labels, mask, stats=parts, shift=shift, vocab_start=0,
+    launchers.row_stats(local_columns(logits, shard), labels, mask, stats=parts, shift=shift,
+                        vocab_start=shard.start if shard is not None else 0,
                         ignore_index=ignore_index, inv_temp=1.0 / temperature, softcap=softcap)
-    out, counts, bad, ext = launchers.seq_reduce(parts, labels, V=V, shift=shift,
-                                                 reduction=reduction)
+    out, counts, bad, ext = seq_reduce(launchers, parts, labels, V=V, shift=shift,
+                                       reduction=reduction, cu_seqlens=cu_seqlens, shard=shard)
     return out, counts, bad, stats, ext
 
 
+def token_grads(grad_out, grad_entropy, counts, cu_seqlens, R, shift, reduction):
+    """(grad_out, grad_entropy, reduction) for the row backward: a packed call's per-sequence
+    gradients spread over its rows (then reduced per token, "none")."""
+    if cu_seqlens is None:
+        return grad_out, grad_entropy, reduction
+    from .packed import token_grads as spread
+
+    grad_out = spread(grad_out, counts, cu_seqlens, R, shift, reduction)
+    if grad_entropy is not None:
+        grad_entropy = spread(grad_entropy, counts, cu_seqlens, R, shift, reduction)
+    return grad_out, grad_entropy, "none"
+
+
 def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl,
-              grad, grad_entropy=None):
+              grad, grad_entropy=None, cu_seqlens=None, shard=None):
     launchers = _common.backend(impl, logits.device)
-    launchers.row_grad(logits, grad, labels, stats.unbind(0), grad_out, counts, shift=shift,
-                       vocab_start=0, inv_temp=1.0 / temperature, softcap=softcap,
-                       reduction=reduction, grad_entropy=grad_entropy)
+    grad_out, grad_entropy, reduction = token_grads(grad_out, grad_entropy, counts, cu_seqlens,
+                                                    stats.shape[2], shift, reduction)
+    if shard is not None and shard.valid < logits.shape[-1]:
+        grad[..., shard.valid :].zero_()  # padding columns of the last shard
+    launchers.row_grad(local_columns(logits, shard), local_columns(grad, shard), labels,
+                       stats.unbind(0), grad_out, counts, shift=shift,
+                       vocab_start=shard.start if shard is not None else 0,
+                       inv_temp=1.0 / temperature, softcap=softcap, reduction=reduction,
+                       grad_entropy=grad_entropy)
     return grad
 
 
@@ -64,63 +104,64 @@ def _backward(grad_out, logits, labels, stats, counts, shift, temperature, softc
 def logps_op(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, shift: int,
     ignore_index: int | None, temperature: float, softcap: float | None, reduction: str, impl: str,
-    with_stats: bool, entropy_grad: bool,
+    with_stats: bool, entropy_grad: bool, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, counts, bad, stats, ext) for `get_logps`; stats (4 or 8, B, R) are saved for the
     backward. entropy_grad only tells autograd whether ext carries a gradient."""
     out, counts, bad, stats, ext = _forward(logits, labels, mask, shift, ignore_index, temperature,
-                                            softcap, reduction, impl, with_stats)
+                                            softcap, reduction, impl, with_stats, cu_seqlens)
     return out, counts, bad, stats, ext if ext is not None else out.new_empty((0,))
 
 
-def fake_outputs(like, B, R, acc, reduction, with_stats):
+def fake_outputs(like, B, R, acc, reduction, with_stats, cu_seqlens=None):
     """Empty outputs shaped as the forward's (out, counts, bad, stats, ext), for fake kernels."""
-    shape = (B, R) if reduction == "none" else (B,)
-    return (like.new_empty(shape, dtype=acc), like.new_empty((B,), dtype=acc),
-            like.new_empty((B,), dtype=torch.int32),
+    n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    shape = (B, R) if reduction == "none" else (n_seq,)
+    return (like.new_empty(shape, dtype=acc), like.new_empty((n_seq,), dtype=acc),
+            like.new_empty((n_seq,), dtype=torch.int32),
             like.new_empty((stats_rows(with_stats), B, R), dtype=acc),
             like.new_empty((4, *shape) if with_stats else (0,), dtype=acc))
 
 
 @logps_op.register_fake
 def _(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction, impl, with_stats,
-      entropy_grad):
+      entropy_grad, cu_seqlens=None):
     B, T, _V = logits.shape
     return fake_outputs(logits, B, max(T - shift, 0), _acc_dtype(logits.dtype), reduction,
-                        with_stats)
+                        with_stats, cu_seqlens)
 
 
 @torch.library.custom_op("fused_dpo::logps_backward", mutates_args=())
 def logps_backward_op(
     grad_out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     counts: torch.Tensor, shift: int, temperature: float, softcap: float | None, reduction: str,
-    impl: str, grad_entropy: torch.Tensor | None,
+    impl: str, grad_entropy: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return _backward(grad_out, logits, labels, stats, counts, shift, temperature, softcap,
-                     reduction, impl, grad, grad_entropy)
+                     reduction, impl, grad, grad_entropy, cu_seqlens)
 
 
 @logps_backward_op.register_fake
 def _(grad_out, logits, labels, stats, counts, shift, temperature, softcap, reduction, impl,
-      grad_entropy):
+      grad_entropy, cu_seqlens=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, _mask, shift, _ii, temperature, softcap, reduction, impl, _ws, ent_grad = inputs
+    logits, labels, _mask, shift, _ii, temperature, softcap, reduction, impl, _ws, ent_grad, cu = inputs
     _out, counts, _bad, stats, ext = output
-    ctx.save_for_backward(logits, labels, stats, counts)
+    ctx.save_for_backward(logits, labels, stats, counts, cu)
     ctx.args = (shift, temperature, softcap, reduction, impl)
     ctx.entropy_grad = ent_grad
     ctx.mark_non_differentiable(counts, _bad, stats, *(() if ent_grad else (ext,)))
 
 
 def _op_backward(ctx, grad_out, _gc, _gb, _gs, grad_ext):
-    logits, labels, stats, counts = ctx.saved_tensors
+    logits, labels, stats, counts, cu = ctx.saved_tensors
     grad_out, ge = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)  # materialized
-    grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args, ge)
-    return (grad,) + (None,) * 10
+    grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args, ge, cu)
+    return (grad,) + (None,) * 11
 
 
 logps_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -131,11 +172,13 @@ logps_op.register_autograd(_op_backward, setup_context=_setup_context)
 class _Logps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, mask, shift, ignore_index, temperature, softcap, reduction,
-                impl, with_stats, entropy_grad, inplace_backward):
+                impl, with_stats, entropy_grad, inplace_backward, cu_seqlens=None, shard=None):
         out, counts, bad, stats, ext = _forward(logits, labels, mask, shift, ignore_index,
-                                                temperature, softcap, reduction, impl, with_stats)
-        ctx.save_for_backward(logits, labels, stats, counts)
+                                                temperature, softcap, reduction, impl, with_stats,
+                                                cu_seqlens, shard)
+        ctx.save_for_backward(logits, labels, stats, counts, cu_seqlens)
         ctx.args = (shift, temperature, softcap, reduction, impl)
+        ctx.shard = shard
         ctx.inplace_backward = inplace_backward
         ctx.entropy_grad = entropy_grad
         ctx.mark_non_differentiable(counts, bad, *(() if entropy_grad or ext is None else (ext,)))
@@ -146,15 +189,22 @@ class _Logps(torch.autograd.Function):
     def backward(ctx, grad_out, _gc, _gb, grad_ext):
         grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
         if grads is None:
-            return (None,) * 12
+            return (None,) * 14
         grad_out, ge = grads
-        logits, labels, stats, counts = ctx.saved_tensors
+        logits, labels, stats, counts, cu_seqlens = ctx.saved_tensors
         if ctx.inplace_backward:
             grad = logits
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad, ge)
-        return (grad,) + (None,) * 11
+        _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad, ge, cu_seqlens,
+                  ctx.shard)
+        return (grad,) + (None,) * 13
+
+
+@torch.compiler.disable
+def _apply_eager(*args):
+    """The vocab-parallel call: its all-reduces run eagerly (a graph break under torch.compile)."""
+    return _Logps.apply(*args)
 
 
 def _may_overlap(t: torch.Tensor) -> bool:
@@ -186,6 +236,10 @@ def get_logps(
     validate: bool = True,
     stats=None,
     entropy_grad: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Log-probability of each sequence's response tokens, fused: no (B, T, V) float32 tensor.
 
@@ -231,6 +285,25 @@ def get_logps(
         entropy_grad: the entropy carries a gradient (an entropy bonus); its backward rides in
             the same kernel as the log-probs'. Otherwise the statistics are detached: only
             `logps` (and with this flag `entropy`) ever carry gradients.
+        cu_seqlens: packed (padding-free) inputs: (S + 1,) int32 offsets of S sequences
+            concatenated in one row, logits (1, total_T, V) and ids / mask / labels (1, total_T).
+            Each sequence is scored on its own: with the shift, a sequence's first token is
+            never predicted from the previous one's last position. "sum" / "mean", counts and
+            statistics are per sequence, (S,); "none" stays per token, (1, total_T - 1) (the
+            first token of each sequence, as a target, holds 0). Zero-length sequences are
+            allowed (offsets may repeat: a fixed S for CUDA graphs). With validate the offsets
+            are checked (0 first, total_T last, non-decreasing; one host sync).
+        process_group: vocab-parallel (Megatron tensor parallelism): logits (B, T, V_local) hold
+            this rank's contiguous vocab shard, columns [vocab_start, vocab_start + V_local);
+            every rank of the group passes the same ids / mask / labels and gets the same,
+            global, result. Forward: the local row pass, then one MAX and one SUM all-reduce of
+            the rows' (max, sum-exp, label logit, statistics' partials); backward: the local
+            logits gradient, no communication. Eager only (a graph break under torch.compile);
+            impl "reference" is refused.
+        vocab_start: global id of this rank's first column; default rank * V_local. Passing it
+            needs vocab_size.
+        vocab_size: the global vocabulary size; default world_size * V_local. Columns whose
+            global id is >= vocab_size (the last shard's padding) are ignored, their gradient 0.
 
     Returns:
         float32 (float64 for float64 logits) tensor as per `reduction`; with return_counts a
@@ -247,15 +320,21 @@ def get_logps(
         raise ValueError(f"logits has shape {tuple(logits.shape)}; need V >= 1")
     tg = _common.check_targets((B, T), logits.device, input_ids, response_mask, labels,
                                ignore_index, "logits")
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "logits")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T, logits.device, "logits", validate)
+        tg = boundary_targets(tg, cu_seqlens, int(shift))
     if impl == "reference":
         if inplace_backward:
             raise ValueError("impl='reference' has no in-place backward; use impl='triton'/'torch'")
+        if shard is not None:
+            raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
         if validate:
             _common.raise_bad_labels(tg, V, int(shift))
         return get_logps_reference(
             logits, input_ids, response_mask, labels=labels, ignore_index=ignore_index, shift=shift,
             reduction=reduction, return_counts=return_counts, temperature=temperature,
-            softcap=softcap, stats=stats, entropy_grad=entropy_grad,
+            softcap=softcap, stats=stats, entropy_grad=entropy_grad, cu_seqlens=cu_seqlens,
         )
     if inplace_backward and _may_overlap(logits):
         raise ValueError(
@@ -265,16 +344,22 @@ def get_logps(
     s = int(shift)
     softcap = float(softcap) if softcap is not None else None
     with_stats, entropy_grad = bool(stats), bool(entropy_grad)
-    if torch.compiler.is_compiling():
+    if shard is not None:
+        out, counts, bad, ext = _apply_eager(logits, tg.labels, tg.mask, s, tg.ignore_index,
+                                             float(temperature), softcap, reduction, impl,
+                                             with_stats, entropy_grad, inplace_backward,
+                                             cu_seqlens, shard)
+    elif torch.compiler.is_compiling():
         out, counts, bad, _stats, ext = logps_op(logits, tg.labels, tg.mask, s, tg.ignore_index,
                                                  float(temperature), softcap, reduction, impl,
-                                                 with_stats, entropy_grad)
+                                                 with_stats, entropy_grad, cu_seqlens)
     else:
         out, counts, bad, ext = _Logps.apply(logits, tg.labels, tg.mask, s, tg.ignore_index,
                                              float(temperature), softcap, reduction, impl,
-                                             with_stats, entropy_grad, inplace_backward)
+                                             with_stats, entropy_grad, inplace_backward,
+                                             cu_seqlens)
     if validate:
-        _common.check_bad_count(bad, tg, V, s)
+        _common.check_bad_count(bad, tg, shard.size if shard is not None else V, s)
     if with_stats:
         return _common.stats_result(out, counts, ext, stats, entropy_grad)
     return (out, counts) if return_counts else out

@@ -70,8 +70,12 @@ def get_logps_reference(
     softcap: float | None = None,
     stats=None,
     entropy_grad: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """The eager shifted log-softmax gather. Accumulates in float32, or float64 for float64 logits.
+
+    With `cu_seqlens` (packed inputs, B = 1) each sequence is sliced out and scored on its own
+    (`packed_reference`): outputs per sequence, or per token in the packed row for "none".
 
     Positions of weight 0 do not contribute even when their logits hold NaN (masked with `where`,
     not a product), as in the fused paths. With `stats`, returns a `LogpsStats` whose statistics
@@ -83,6 +87,13 @@ def get_logps_reference(
         is_top1           argmax_v z_v == label (torch.argmax: the first maximum)
     """
     stats = check_stats(stats, entropy_grad)
+    if cu_seqlens is not None:
+        return packed_reference(
+            get_logps_reference, (logits,), cu_seqlens, input_ids, response_mask, labels=labels,
+            ignore_index=ignore_index, shift=shift, reduction=reduction,
+            return_counts=return_counts, temperature=temperature, softcap=softcap, stats=stats,
+            entropy_grad=entropy_grad,
+        )
     targets, weights = shifted_targets(input_ids, response_mask, labels, ignore_index, shift)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits[:, : logits.shape[1] - int(shift), :].to(acc)
@@ -144,3 +155,45 @@ def get_logps_from_hidden_reference(
     else:
         logits = torch.nn.functional.linear(hidden, weight, bias)
     return get_logps_reference(logits, input_ids, response_mask, **kwargs)
+
+
+def packed_reference(fn, rows, cu_seqlens, input_ids=None, response_mask=None, *, labels=None,
+                     shift=True, reduction="sum", return_counts=False, stats=(), **kwargs):
+    """`fn` (a reference above) on packed inputs: each sequence s of the (1, total_T, ...) `rows`
+    and ids, positions [cu_seqlens[s], cu_seqlens[s + 1]), is sliced out and scored as a batch of
+    one; the results are stacked, (S,), or for "none" placed in the packed row (1, total_T - shift)
+    at the sequence's own positions (0 at each sequence's last position, which predicts nothing)."""
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    s = int(shift)
+    total = rows[0].shape[1]
+    per_seq = []
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        def part(t, a=a, b=b):
+            return t[:, a:b] if t is not None else None
+
+        res = fn(*(part(r) for r in rows), part(input_ids), part(response_mask),
+                 labels=part(labels), shift=shift, reduction=reduction, return_counts=True,
+                 stats=stats, **kwargs)
+        per_seq.append(tuple(res))
+    fields = list(zip(*per_seq, strict=True))  # per output field, one value per sequence
+
+    def join(values, per_token):
+        if values[0] is None:
+            return None
+        if not per_token:
+            return torch.cat(values)
+        out = values[0].new_zeros((1, max(total - s, 0)))
+        pieces, index = [], []
+        for (a, _b), v in zip(zip(cu[:-1], cu[1:], strict=True), values, strict=True):
+            pieces.append(v[0])
+            index.append(torch.arange(a, a + v.shape[1], device=v.device))
+        # index_put (not in-place slices): differentiable, one node
+        return out.index_put((torch.zeros_like(torch.cat(index)), torch.cat(index)),
+                             torch.cat(pieces))
+
+    per_token = reduction == "none"
+    out = join(fields[0], per_token)
+    counts = join(fields[1], False)
+    if stats:
+        return LogpsStats(out, counts, *(join(f, per_token) for f in fields[2:]))
+    return (out, counts) if return_counts else out

@@ -24,7 +24,9 @@ Three kernels:
                       hidden-state path walks the vocabulary chunk by chunk).
   _seq_reduce_kernel  one program per sequence: forms tok, writes it (reduction "none") or its
                       weighted sum / mean, the weight sum (count), and the number of scored labels
-                      outside [0, V) for validation. Deterministic order: no atomics.
+                      outside [0, V) for validation. Deterministic order: no atomics. With
+                      HAS_SEGMENTS (packed sequences) a program reduces one cu_seqlens segment of
+                      a single row instead of a batch row.
   _row_grad_kernel    one program per logits row: the coefficient from the upstream gradient, the
                       weight and the count (per `REDUCTION`), then the row's gradient. Rows that are
                       not scored (prompt, the unshifted last position) are written as zeros, unread.
@@ -250,12 +252,23 @@ def _row_stats_rows_kernel(
 @triton.jit
 def _seq_reduce_kernel(
     zy_ptr, m_ptr, logs_ptr, w_ptr, labels_ptr, out_ptr, counts_ptr, bad_ptr,
-    pz_ptr, lq_ptr, sz_ptr, mb_ptr, ext_ptr,
+    pz_ptr, lq_ptr, sz_ptr, mb_ptr, ext_ptr, cu_ptr,
     R, V, shift, stride_lb, stride_lt, stride_ext,
-    REDUCTION: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+    REDUCTION: tl.constexpr, STATS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     stride_ext = stride_ext.to(tl.int64)  # 3 * B * R may pass 2**31
+    if HAS_SEGMENTS:
+        # Packed: program b reduces sequence b of the one (1, R) row, the rows whose targets
+        # r + shift lie in [cu[b], cu[b + 1]).
+        lo = tl.maximum(tl.load(cu_ptr + b).to(tl.int64) - shift, 0)
+        hi = tl.load(cu_ptr + b + 1).to(tl.int64) - shift
+        row = b * 0
+    else:
+        lo = b * 0
+        hi = b * 0 + R
+        row = b
     total = tl.zeros([BLOCK_R], ACC)
     count = tl.zeros([BLOCK_R], ACC)
     bad = tl.zeros([BLOCK_R], tl.int32)
@@ -264,10 +277,10 @@ def _seq_reduce_kernel(
         t_lq = tl.zeros([BLOCK_R], ACC)
         t_mean = tl.zeros([BLOCK_R], ACC)
         t_top = tl.zeros([BLOCK_R], ACC)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(lo, hi, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
-        inside = rr < R
-        o = b * R + rr
+        inside = rr < hi
+        o = row * R + rr
         w = tl.load(w_ptr + o, mask=inside, other=0.0)
         zy = tl.load(zy_ptr + o, mask=inside, other=0.0)
         m = tl.load(m_ptr + o, mask=inside, other=0.0)
@@ -278,7 +291,8 @@ def _seq_reduce_kernel(
             tl.store(out_ptr + o, tok, mask=inside)
         total += tok
         count += w
-        label = tl.load(labels_ptr + b * stride_lb + (rr + shift) * stride_lt, mask=inside, other=0)
+        label = tl.load(labels_ptr + row * stride_lb + (rr + shift) * stride_lt, mask=inside,
+                        other=0)
         bad += (live & ((label < 0) | (label >= V))).to(tl.int32)
         if STATS:
             pz = tl.load(pz_ptr + o, mask=inside, other=0.0)
@@ -479,7 +493,8 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # zero-copy; the kernel loads bytes
     mask_arg = mask if mask is not None else labels  # placeholder pointer, never read
-    if _ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate and not has_stats:
+    if (_ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate and not has_stats
+            and vocab_start == 0):
         rows_per = _ROWS
         _row_stats_rows_kernel[(triton.cdiv(n, rows_per),)](
             x, labels, mask_arg, zy, m, logs, w,
@@ -506,29 +521,35 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     )
 
 
-def seq_reduce(stats, labels, *, V, shift, reduction):
+def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
     """(out, counts, bad, ext) from stats (B, R): out is (B,) ("sum", "mean") or (B, R) ("none")
     per-token log-probs; counts (B,) the weight sums; bad (B,) int32 the scored labels outside
     [0, V). With the 8-row stats of a `stats` call, ext is (4, B) or (4, B, R): entropy,
-    log sum p^2, mean logit and top-1, reduced like out; else None."""
+    log sum p^2, mean logit and top-1, reduced like out; else None.
+
+    Packed (`cu_seqlens`, (S + 1,) int32, B = 1): the S sequences are the rows whose targets
+    r + shift lie in [cu_seqlens[s], cu_seqlens[s + 1]); out, counts, bad and the reduced ext are
+    per sequence, (S,); "none" stays per token, (1, R)."""
     zy, m, logs, w = stats[:4]
     has_stats = len(stats) > 4
     B, R = zy.shape
+    n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     code = REDUCTION_CODE[reduction]
-    shape = (B, R) if code == NONE else (B,)
+    shape = (B, R) if code == NONE else (n_seq,)
     out = torch.empty(shape, dtype=zy.dtype, device=zy.device)
-    counts = torch.empty(B, dtype=zy.dtype, device=zy.device)
-    bad = torch.empty(B, dtype=torch.int32, device=zy.device)
+    counts = torch.empty(n_seq, dtype=zy.dtype, device=zy.device)
+    bad = torch.empty(n_seq, dtype=torch.int32, device=zy.device)
     ext = torch.empty((4, *shape), dtype=zy.dtype, device=zy.device) if has_stats else None
-    if B == 0:
+    if n_seq == 0:
         return out, counts, bad, ext
     block = min(_BLOCK_R, triton.next_power_of_2(max(R, 1)))
     extra = stats[4:] if has_stats else (zy,) * 4  # placeholder pointers, never read
-    _seq_reduce_kernel[(B,)](
+    _seq_reduce_kernel[(n_seq,)](
         zy, m, logs, w, labels, out, counts, bad, *extra, ext if has_stats else out,
+        cu_seqlens if cu_seqlens is not None else bad,  # placeholder pointer, never read
         R, V, shift, *labels.stride(), out.numel(),
-        REDUCTION=code, STATS=has_stats, ACC=_acc(zy.dtype), BLOCK_R=block,
-        num_warps=REDUCE_WARPS[has_stats],
+        REDUCTION=code, STATS=has_stats, HAS_SEGMENTS=cu_seqlens is not None, ACC=_acc(zy.dtype),
+        BLOCK_R=block, num_warps=REDUCE_WARPS[has_stats],
     )
     return out, counts, bad, ext
 

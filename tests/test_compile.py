@@ -24,7 +24,8 @@ ELEM = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
 ALIGNED_INTS = {"V", "stride_xb", "stride_xr", "stride_gb", "stride_gr"}
 
 
-POINTERS = {"labels_ptr": "*i64", "mask_ptr": "*u8", "idx_ptr": "*i64", "bad_ptr": "*i32"}
+POINTERS = {"labels_ptr": "*i64", "mask_ptr": "*u8", "idx_ptr": "*i64", "bad_ptr": "*i32",
+            "cu_ptr": "*i32"}
 
 
 def _compile(fn, elem, constexprs, cc, warps):
@@ -77,7 +78,9 @@ ROW_STATS = [dict(w, HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, ACCUMULATE=a, STATS=st)
 GRAD = [dict(HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, REDUCTION=red, ENT_GRAD=eg)
         for c, ri, red, eg in itertools.product([False, True], [False, True],
                                                 [K.SUM, K.MEAN, K.NONE], [False, True])]
-REDUCE = [dict(REDUCTION=red, STATS=st) for red in (K.SUM, K.MEAN, K.NONE) for st in (False, True)]
+# HAS_SEGMENTS: packed sequences (cu_seqlens), one program per segment of a single row.
+REDUCE = [dict(REDUCTION=red, STATS=st, HAS_SEGMENTS=seg) for red in (K.SUM, K.MEAN, K.NONE)
+          for st in (False, True) for seg in (False, True)]
 
 
 def _cases():
