@@ -48,6 +48,12 @@ class DPOConfig:
     disable_dropout: bool = True
     reference: str = "model"  # model | precomputed | none
     logps_impl: str = "auto"  # fused_dpo impl for the log-probs
+    # Padding-free batches: the 2B sequences of a batch packed into one row of their real tokens,
+    # position_ids restarting at 0 per sequence, no attention mask (transformers masks attention
+    # per sequence from them) and per-sequence log-probs from cu_seqlens: no compute or memory
+    # spent on pad tokens. Same losses and metrics as padded batches up to rounding; a model that
+    # cannot mask packed sequences (OPT, Bloom, MPT, recurrent models) is refused at start.
+    padding_free: bool = False
     # several processes (torchrun): none | ddp | fsdp2; batch_size is then per rank
     parallel: str = "none"
     # LoRA (peft): adapters of rank lora_r on the lora_target_modules layers, scaled by

@@ -170,8 +170,11 @@ def tokenize(rows: list[dict], tok, max_length: int, truncation_side: str = "lef
     return out
 
 
-def collate(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    """[chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}], right-padded, with the response mask."""
+def collate(pairs, pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """[chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}], right-padded, with the response mask;
+    or with `packed`, the same sequences in one row without padding (`collate_packed`)."""
+    if packed:
+        return collate_packed(pairs)
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     L = max(len(p) + len(x) for p, x in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -183,3 +186,38 @@ def collate(pairs, pad_id: int) -> dict[str, torch.Tensor]:
         attn[k, :n] = 1
         resp[k, len(p) : n] = True
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def collate_packed(pairs) -> dict[str, torch.Tensor]:
+    """The same 2B sequences as `collate`, packed into one row of their real tokens (no padding):
+    input_ids and response_mask (1, total_T), and attention_mask (1, total_T) holding each token's
+    sequence number, 1 to 2B (the packed-batch convention of sample packing: nonzero on every real
+    token, so `attention_mask > 0` still counts them). `packing(attention_mask)` turns it into the
+    position_ids that restart at 0 for each sequence and the cu_seqlens (2B + 1,) of the ops."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    ids, seq, resp = [], [], []
+    for k, (p, x) in enumerate(seqs, 1):
+        ids += p + x
+        seq += [k] * (len(p) + len(x))
+        resp += [False] * len(p) + [True] * len(x)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "attention_mask": torch.tensor([seq], dtype=torch.long),
+            "response_mask": torch.tensor([resp], dtype=torch.bool)}
+
+
+def packing(seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids (1, total_T) long, cu_seqlens (S + 1,) int32) of a packed row whose tokens carry
+    their sequence number (`collate_packed`'s attention_mask). One host sync (the number of
+    sequences), as transformers' own packed-sequence detection has."""
+    if seq_ids.dim() != 2 or seq_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row (1, total_T); got attention_mask of shape "
+                         f"{tuple(seq_ids.shape)}")
+    row = seq_ids[0]
+    n = row.shape[0]
+    idx = torch.arange(n, device=row.device)
+    start = torch.ones_like(row, dtype=torch.bool)
+    start[1:] = row[1:] != row[:-1]
+    # Each token's distance from the first token of its sequence.
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(0).values
+    cu = torch.cat([idx[start], idx.new_full((1,), n)]).to(torch.int32)
+    return (idx - first)[None], cu

@@ -10,6 +10,7 @@ import torch
 
 from .. import LogpsStats, get_logps, get_logps_from_hidden
 from .._common import fold_logit_scale
+from .data import packing
 
 
 def logit_scale(cfg) -> tuple[float | None, str]:
@@ -64,9 +65,17 @@ class LogpsHead:
     `stats` names the per-token statistics of `get_logps` to compute in the same pass (e.g.
     ("entropy", "mean_logits", "is_top1")), each summed over the response tokens like the
     log-probs and detached; none by default (a reference model needs only its log-probs).
-    `warn=False` keeps the fallback silent (a second head on the same model)."""
+    `warn=False` keeps the fallback silent (a second head on the same model).
 
-    def __init__(self, model, impl: str, stats: tuple[str, ...] = (), warn: bool = True):
+    `packed=True` (padding-free): the batch is one packed row (`data.collate_packed`), whose
+    attention_mask holds each token's sequence number; the model runs on the row with position_ids
+    that restart at 0 for each sequence and no attention mask (transformers then masks attention
+    per sequence), and the log-probs are reduced per sequence (`cu_seqlens`). A model whose packed
+    forward is not the forward of each sequence alone is refused at construction (`check_packing`).
+    """
+
+    def __init__(self, model, impl: str, stats: tuple[str, ...] = (), warn: bool = True,
+                 packed: bool = False):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             raise ValueError(f"{type(model).__name__} has no lm_head (get_output_embeddings() is None);"
@@ -93,24 +102,92 @@ class LogpsHead:
         if self.fallback and warn:
             warnings.warn(f"{type(model).__name__}: log-probs from the full logits, not the hidden "
                           f"path (more memory): {self.fallback}", stacklevel=2)
+        self.packed = packed
+        if packed:
+            check_packing(self)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The final hidden states (hidden path) or the logits (fallback) of the model. With
+        position_ids and no attention_mask: a packed row, and no KV cache (transformers looks for
+        packed sequences only without one)."""
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if position_ids is not None:
+            kw.update(position_ids=position_ids, use_cache=False)
+        if self.fused:
+            return self.base(**kw).last_hidden_state
+        return self.model(**kw).logits
 
     def __call__(self, batch) -> LogpsStats:
         """LogpsStats of the [chosen; rejected] batch: log-probs, response token counts and the
         requested statistics, each (2B,) and summed over the response; the others None."""
         kw = dict(impl=self.impl, return_counts=True, validate=False, reduction="sum",
                   stats=self.stats or None)
+        if self.packed:
+            position_ids, kw["cu_seqlens"] = packing(batch["attention_mask"])
+            rows = self.forward(batch["input_ids"], position_ids=position_ids)
+        else:
+            rows = self.forward(batch["input_ids"], batch["attention_mask"])
         if self.fused:
-            hidden = self.base(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).last_hidden_state
             # The head's own parameters, whatever their dtype: an fp32 master weight under bf16
             # hidden states is cast a vocab chunk at a time inside, never copied whole.
-            out = get_logps_from_hidden(hidden, self.head.weight, batch["input_ids"],
+            out = get_logps_from_hidden(rows, self.head.weight, batch["input_ids"],
                                         batch["response_mask"], bias=self.head.bias,
                                         softcap=self.softcap, temperature=self.temperature, **kw)
         else:
             # The model's logits already hold its soft-cap and scale: applied as they are.
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).logits
-            out = get_logps(logits, batch["input_ids"], batch["response_mask"], **kw)
+            out = get_logps(rows, batch["input_ids"], batch["response_mask"], **kw)
         # Without stats the functions return (logps, counts); one return type for the caller.
         return out if self.stats else LogpsStats(*out, None, None, None, None)
+
+
+# check_packing's probe: a sequence of PROBE_TAIL tokens packed after one of PROBE_HEAD (long, so
+# that attention leaking into it moves the tail's hidden states a lot).
+PROBE_HEAD, PROBE_TAIL = 24, 5
+
+
+def check_packing(head: LogpsHead) -> None:
+    """Refuse (ValueError) a model whose packed forward differs from the forward of each sequence
+    alone. transformers 5 finds packed sequences from position_ids that restart at 0 and masks
+    attention per sequence (masking_utils.find_packed_sequence_indices for eager/sdpa/flex, varlen
+    for flash-attention), but only in models that pass position_ids to its mask functions: OPT,
+    Bloom and MPT build their own positions or masks, and recurrent models (Mamba, RecurrentGemma)
+    carry their state across the boundary. Rather than a list that goes stale, a probe through the
+    head's own forward: a sequence C packed after A must (1) not change when A is replaced by other
+    tokens, (2) equal C run alone. Three forwards of at most 29 tokens, in eval mode."""
+    model = head.model
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    what = (f"padding_free: model_type {getattr(cfg, 'model_type', '?')!r} with attn_implementation "
+            f"{getattr(model.config, '_attn_implementation', None)!r}")
+    g = torch.Generator().manual_seed(0)
+    V, dev = head.head.weight.shape[0], head.head.weight.device
+    a, a2 = (torch.randint(V, (1, PROBE_HEAD), generator=g).to(dev) for _ in range(2))
+    c = torch.randint(V, (1, PROBE_TAIL), generator=g).to(dev)
+    pos = torch.cat([torch.arange(PROBE_HEAD), torch.arange(PROBE_TAIL)])[None].to(dev)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout in the probe
+    try:
+        with torch.no_grad():
+            alone = head.forward(c, torch.ones_like(c)).float()
+            tail = [head.forward(torch.cat([x, c], 1), position_ids=pos)[:, PROBE_HEAD:].float()
+                    for x in (a, a2)]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: its forward on a packed row (position_ids, no attention_mask) "
+                         f"failed: {e}") from e
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    scale = alone.abs().max().clamp_min(1e-30)
+    leak = float((tail[0] - tail[1]).abs().max() / scale)
+    apart = float((tail[0] - alone).abs().max() / scale)
+    # Correct masking gives leak == 0 exactly (same shapes; masked keys add exact zeros) and
+    # `apart` at rounding level (about 1e-7 in fp32 on Llama, Qwen2, Mistral, Gemma2, GPT-2,
+    # GPT-NeoX, Falcon, Phi-3, GPT-J, eager and sdpa); the refused models give 1e-2 to 1.
+    low = head.head.weight.dtype in (torch.float16, torch.bfloat16)
+    tol = 1e-2 if low else 1e-4
+    if leak > tol or apart > (5e-2 if low else 1e-4):
+        raise ValueError(f"{what} cannot mask packed sequences: a sequence packed after another "
+                         f"does not equal the sequence alone (its hidden states move by {leak:.2g} "
+                         f"of their scale when the sequence before it changes, and differ by "
+                         f"{apart:.2g} from the sequence run alone). Train it without padding_free "
+                         f"(padded batches), or with an attn_implementation that handles packed "
+                         f"position_ids")

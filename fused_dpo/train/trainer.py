@@ -103,7 +103,8 @@ class DPOTrainer:
         # the reference's needs only its log-probs.
         # WPO's pair weights need log sum p^2 per response: one more statistic of the same pass
         stats = STATS + (("log_sum_sq_probs",) if cfg.use_weighting else ())
-        self.policy_logps = LogpsHead(lora.unwrap(model), cfg.logps_impl, stats=stats)
+        self.policy_logps = LogpsHead(lora.unwrap(model), cfg.logps_impl, stats=stats,
+                                      packed=cfg.padding_free)
         self.ref_is_copy = False  # set when the reference equals the initial policy
         self.ref_cache: dict[str, torch.Tensor] = {}
         # ref_source is not saved in checkpoints: the reference is rebuilt from it on resume and
@@ -160,7 +161,8 @@ class DPOTrainer:
             # the model with the adapters off (`_reference` switches them off around the call);
             # the policy's head already warned about a fallback to logits, if any.
             self.ref_is_copy = True
-            return model, LogpsHead(model.get_base_model(), cfg.logps_impl, warn=False), \
+            return model, LogpsHead(model.get_base_model(), cfg.logps_impl, warn=False,
+                                    packed=cfg.padding_free), \
                 "the policy with its LoRA adapters disabled"
         source = "the model passed as ref_model"
         if ref_model is None:
@@ -171,7 +173,8 @@ class DPOTrainer:
         ref_model.eval().requires_grad_(False)
         # A copy falls back to the logits for the reason the policy's head already gave.
         head = LogpsHead(lora.unwrap(ref_model), cfg.logps_impl,
-                         warn=not (self.ref_is_copy and self.policy_logps.fallback))
+                         warn=not (self.ref_is_copy and self.policy_logps.fallback),
+                         packed=cfg.padding_free)
         return ref_model, head, source
 
     def _tokenize(self, data, what: str) -> Tokenized:
@@ -232,7 +235,10 @@ class DPOTrainer:
         return out
 
     def _batch(self, data: Tokenized, idx: list[int]) -> dict[str, torch.Tensor]:
-        b = collate([data.pairs[i] for i in idx], self.tokenizer.pad_token_id)
+        """[chosen; rejected]: right-padded (2B, T), or with padding_free one packed row (1, N)
+        whose attention_mask holds sequence numbers (`collate_packed`; the heads unpack it)."""
+        b = collate([data.pairs[i] for i in idx], self.tokenizer.pad_token_id,
+                    packed=self.config.padding_free)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def _autocast(self):
@@ -295,7 +301,7 @@ class DPOTrainer:
         loss, metrics = dpo_loss(logps[:B], logps[B:], rc, rr, chosen_counts=counts[:B],
                                  rejected_counts=counts[B:], **self._loss_kwargs(bco), **wpo)
         tokens = counts.float().mean()
-        metrics = {**metrics, "tokens_per_response": tokens, "tokens": batch["attention_mask"].sum()}
+        metrics = {**metrics, "tokens_per_response": tokens, "tokens": (batch["attention_mask"] != 0).sum()}
         with torch.no_grad():
             n = counts.float().clamp_min(1)
             # The rewards dpo_loss compares for rewards/accuracies, per pair.
