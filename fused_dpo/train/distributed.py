@@ -199,9 +199,20 @@ def wrap(module: LogpsModule, d: Dist, precision: str, trainable: bool) -> torch
         mp = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
         for layer in decoder_layers(module.model):
             fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+        # The root's parameters (the embeddings and lm_head: the largest) stay gathered from the
+        # policy's forward to its backward, one gather for both; a frozen reference has no
+        # backward, so its root is resharded at once (else they would stay gathered for good).
+        fully_shard(module, mp_policy=mp, reshard_after_forward=not trainable)
         return module
     return module
+
+
+def reshard(*modules) -> None:
+    """Free the gathered parameters of FSDP2 modules (e.g. the policy's root after an evaluation,
+    which has no backward to free them), so that what a rank holds is its shards."""
+    for m in modules:
+        if hasattr(m, "reshard"):
+            m.reshard()
 
 
 @contextmanager

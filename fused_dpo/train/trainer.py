@@ -622,6 +622,7 @@ class DPOTrainer:
 
     def finish(self, stopped: str | None) -> dict:
         d = self.dist
+        distributed.reshard(self.policy_module, self.ref_module)
         state = model_state_bytes([self.model, self.ref_model], self.optimizer)
         per_rank = d.gather(state)  # a collective: before rank 0 goes its own way
         if not d.main:
