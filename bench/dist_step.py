@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print("Qwen2-0.5B-shaped DPO step through the trainer" if args.device == "cuda" else
           "Qwen2-shaped (tiny) DPO step through the trainer")
     step_time(args.device, args.steps)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # the group of one that the FSDP2 trainers joined
+        dist.destroy_process_group()
     return 0
 
 

@@ -6,11 +6,15 @@
 # 8x1024x4096x128256); the logits and hidden-state tables against eager, torch.compile, Liger,
 # Cut-CE and TRL's kernels, with issue 11's entropy rows in the same tables (stats and the
 # entropy's gradient beside the plain call and TRL's kernels; the bench prints the ratios against
-# their goals at the end of each); 3 vs 4 matmuls for the fused DPO loss; a sweep of the forward
-# variants (pipelined row loops, several rows per program); one DPO training step with a profile
-# of the fused step (issue 8). Every stage has its own timeout; they add up to 570 s, so the
-# script ends inside one 10-minute device call whatever happens (a bench stage stopped by its
-# timeout still writes the rows it measured).
+# their goals at the end of each); 3 vs 4 matmuls for the fused DPO loss; one DPO training step
+# with a profile of the fused step (issue 8); the trainer through FSDP2 with world size 1 against
+# the plain trainer, same numbers and the Qwen2-0.5B-shaped step's overhead (issue 13); packed
+# sequences against the padded batch, and vocab-parallel with world size 1 against the plain op
+# (issue 14). The newest issues' stages run first. Every stage has its own timeout; they add up to
+# 570 s, so the script ends inside one 10-minute device call whatever happens (a bench stage
+# stopped by its timeout still writes the rows it measured). The forward-variant sweep of the
+# first run (FUSED_DPO_STAGES, FUSED_DPO_ROWS) is left out for time: `python -m bench logits
+# --providers fused_triton` under those variables repeats it.
 #
 # Under $OUT (at most 8 files come back from the device tool): gpu_check.log,
 # small/small_shapes.csv, logits/results.csv, logits/logits.png, hidden/results.csv.
@@ -35,21 +39,27 @@ stage() { echo; echo "== $* == $(date +%T)"; }
   fi
 
   stage "CUDA tests"
-  timeout 70 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+  timeout 60 python3 -m pytest -q -x -m cuda tests/test_cuda.py 2>&1 | tail -15
+
+  stage "trainer through FSDP2, world size 1 (NCCL) vs plain: numbers, Qwen2-0.5B-shaped step (issue 13; goal <= 1.05x)"
+  timeout 70 python3 -m bench.dist_step --steps 8 2>&1 | grep -v Warning
+
+  stage "packed vs padded (8 sequences of 128..1024), vocab-parallel world size 1 vs plain (issue 14)"
+  timeout 50 python3 -m bench.packed_vp 2>&1 | grep -v Warning
 
   stage "small shapes, sync per call: host and wall time (issue 9 goals printed beside)"
   timeout 35 python3 -m bench.small_shapes --out "$OUT/small" 2>&1
 
   stage "op checks: fullgraph torch.compile, CUDA graph replay, fp32 master weight (8x1024x4096x128256)"
-  timeout 70 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
+  timeout 60 python3 -m bench.op_checks --only graph,fp32,compile 2>&1
 
   stage "fused DPO loss from hidden states: 3 vs 4 matmuls, bf16 and fp32 weight (8x1024x4096x128256)"
-  timeout 60 python3 -m bench.op_checks --only matmuls 2>&1
+  timeout 50 python3 -m bench.op_checks --only matmuls 2>&1
 
   # +stats: entropy, mean logit, top-1 in the same pass (detached); +entropy_grad: the loss
   # logps.sum() + 0.01 * entropy.sum(); trl_kernel computes the entropy always (detached here)
   stage "logits path: the issue's three shapes, with entropy rows beside TRL's kernel (issue 11)"
-  timeout 105 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
+  timeout 95 python3 -m bench logits --quick --shapes 8x1024x128256,4x4096x151936,8x2048x32000 \
     --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_kernel,trl_kernel+entropy_grad,liger_ce,eager,torch.compile \
     --out "$OUT/logits" 2>&1
 
@@ -58,16 +68,7 @@ stage() { echo; echo "== $* == $(date +%T)"; }
     --providers fused_triton,fused_triton+stats,fused_triton+entropy_grad,trl_chunked,trl_chunked+stats,trl_chunked+entropy_grad,cut_ce,torch_linear_ce,eager \
     --out "$OUT/hidden" 2>&1
 
-  stage "forward variants, fused_triton (defaults, in the logits table: FUSED_DPO_STAGES=1, FUSED_DPO_ROWS=1)"
-  sweep() {  # sweep NAME=VALUE SHAPES
-    env "$1" timeout 25 python3 -m bench logits --quick --providers fused_triton --shapes "$2" \
-      --out "/tmp/sweep_$1" 2>&1 | grep -E "^logits" | sed "s/^/$1 /"
-  }
-  sweep FUSED_DPO_STAGES=2 8x1024x128256,8x2048x32000
-  sweep FUSED_DPO_ROWS=2 8x2048x32000
-  sweep FUSED_DPO_ROWS=4 8x2048x32000
-
   stage "DPO training step, Qwen2-0.5B-shaped (8 x 1024, V=151936, bf16), with a profile of the fused step"
-  timeout 60 python3 -m bench.train_step --profile 2>&1
+  timeout 55 python3 -m bench.train_step --profile 2>&1
   stage "done"
 } 2>&1 | tee "$LOG"

@@ -160,3 +160,25 @@ def test_torch_linear_cross_entropy_row(tmp_path, capsys):
     assert {r["mode"] for r in rows} == {"forward", "fwd+bwd"}
     for r in rows:
         assert r["provider"] == "torch_linear_ce" and float(r["rel_err"]) < 1e-3, r
+
+
+# CUDA runs these scripts for real in gpu_check.sh; their CPU smoke runs would set up a NCCL group.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gpu_check.sh runs it on the GPU")
+def test_dist_step_bench_smoke(capsys):
+    from bench.dist_step import main as dist_step
+
+    assert dist_step(["--device", "cpu", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "largest relative difference of the logged metrics" in out and "FSDP2 world-size-1 step" in out
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gpu_check.sh runs it on the GPU")
+def test_packed_vp_bench_smoke(capsys):
+    from bench.packed_vp import main as packed_vp
+
+    assert packed_vp(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    agree = float(out.split("log-probs agree to ")[1].split()[0])
+    assert agree < 1e-5, out  # packed and padded model passes give the same per-sequence log-probs
+    assert "process_group" in out and not torch.distributed.is_initialized()

@@ -64,6 +64,14 @@ def torchrun(n, *args, module=True, **kw):
                             text=True, cwd=ROOT, **kw)
 
 
+def one_process(*args):
+    """`python -m fused_dpo train ...` in a child on the CPU, like the ranks (on a GPU machine this
+    process would train on the GPU, another kernel than the ranks')."""
+    cmd = [sys.executable, "-m", "fused_dpo", "train", *map(str, args)]
+    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT)
+
+
 def finished(proc, timeout=240):
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -89,7 +97,9 @@ def assert_same_run(got: list[dict], want: list[dict], exact=False):
 def single(data, tmp_path_factory):
     """The reference: one process, batch 4."""
     out = tmp_path_factory.mktemp("single") / "run"
-    assert run_here(*common(data), "--batch-size", "4", "--save-steps", "4", "--output-dir", out) == 0
+    code, log = finished(one_process(*common(data), "--batch-size", "4", "--save-steps", "4",
+                                     "--output-dir", out))
+    assert code == 0, log
     return out
 
 
@@ -167,9 +177,9 @@ def test_fsdp2_in_one_process_without_torchrun_is_the_plain_run(single, data, tm
     """--parallel fsdp2 started as one process: a group of one, the sharded code path throughout
     (the CPU twin of the GPU script's world-size-1 check)."""
     out = tmp_path / "run"
-    assert run_here(*common(data), "--batch-size", "4", "--save-steps", "4", "--parallel", "fsdp2",
-                    "--output-dir", out) == 0
-    assert not torch.distributed.is_initialized()  # the command tears its group down
+    code, log = finished(one_process(*common(data), "--batch-size", "4", "--save-steps", "4",
+                                     "--parallel", "fsdp2", "--output-dir", out))
+    assert code == 0, log
     assert_same_run(rows(out), rows(single))
     assert sharded.latest(out).name == "step-000004"
 
@@ -263,7 +273,7 @@ def test_refusals(tmp_path, fsdp2_run, monkeypatch, capsys):
     assert run_here("--output-dir", fsdp2_run[0], "--resume", "--max-steps", "5", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "trained on 2 ranks, this job has 1" in err and "torchrun --nproc-per-node 2" in err, err
-    assert not torch.distributed.is_initialized()
+    assert not torch.distributed.is_initialized()  # the command tears its group down
     # torchrun without --parallel; an unknown parallel; a model with no decoder layers to shard
     with pytest.raises(ValueError, match="with parallel none: pass --parallel ddp"):
         monkeypatch.setenv("WORLD_SIZE", "2")
