@@ -75,12 +75,16 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def full_tensor(t):
-    """t gathered whole when it is a DTensor (an FSDP2-sharded weight; differentiable, the
-    backward reduce-scatters), else t. No import cost: a DTensor exists only once
+    """t gathered whole when it is a DTensor (an FSDP2-sharded weight), else t. Differentiable:
+    each rank's gradient of the whole weight is a partial one (from its own batch), averaged over
+    the ranks and scattered back to the shards in backward, as FSDP2 averages the gradients of the
+    parameters it gathers itself. No import cost: a DTensor exists only once
     torch.distributed.tensor has been imported."""
     mod = sys.modules.get("torch.distributed.tensor")
     if mod is not None and isinstance(t, mod.DTensor):
-        return t.full_tensor()
+        from torch.distributed.tensor.placement_types import Partial
+
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
     return t
 
 

@@ -128,6 +128,8 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
     if kw["impl"] == "reference":
         raise ValueError("grad_in_forward has no eager reference implementation; use "
                          "impl='triton'/'torch'/'auto', or grad_in_forward=False")
+    # an FSDP2-sharded head (DTensor) gathered once, as get_logps_from_hidden does
+    weight, bias = _common.full_tensor(weight), _common.full_tensor(bias)
     check_head_args(hidden, weight, bias, reduction="sum", temperature=kw["temperature"],
                     softcap=kw["softcap"], impl=kw["impl"], head_dtype=None,
                     chunk_size=kw["chunk_size"])

@@ -421,7 +421,8 @@ def get_logps_from_hidden(
         weight: (V, H) lm_head weight; bias: optional (V,). The weight may be float32 master
             weights under bf16/fp16 hidden states (mixed precision), with or without autocast.
             An FSDP2-sharded weight / bias (a DTensor) is gathered once per call with
-            `full_tensor()` (its backward reduce-scatters the gradient), never per chunk.
+            `full_tensor()`, never per chunk; its backward averages each rank's gradient over
+            the ranks into the shards, as FSDP2 does for the parameters it gathers.
         input_ids, response_mask, labels, ignore_index, shift, reduction, return_counts,
         temperature, softcap, validate, stats, entropy_grad: exactly as in `fused_dpo.get_logps`
         (the statistics are merged across vocab chunks in the same pass; the mean logit is over

@@ -20,7 +20,9 @@ from ._common import Targets, sync_allowed
 def check_cu_seqlens(cu_seqlens, B: int, T: int, device: torch.device, what: str,
                      validate: bool) -> None:
     """Metadata checks always; the values (start 0, end T, non-decreasing) with `validate`,
-    at the cost of one host sync (a device-side assert where no sync is allowed)."""
+    at the cost of one host sync (a device-side assert where no sync is allowed). With
+    validate=False the offsets are trusted: offsets that do not cover the row are undefined
+    behaviour (rows outside every segment are dropped, or an index error)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:

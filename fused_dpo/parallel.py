@@ -78,7 +78,9 @@ def vocab_shard(process_group, V_local: int, vocab_start, vocab_size, what: str)
 def combine_shards(parts, labels, shift: int, shard: VocabShard) -> None:
     """Turn this rank's row statistics (zy, m, logs, w[, pz, lq, sz, mb]) into the global ones, in
     place, with one MAX and one SUM all-reduce. Labels outside [0, V) give z_y = NaN (as an
-    out-of-range id does on one process); labels in another shard contribute 0 here."""
+    out-of-range id does on one process); labels in another shard contribute 0 here. A label that
+    no shard holds, or that two hold (shards that leave a gap or overlap: vocab_start /
+    vocab_size inconsistent across ranks), gives NaN too: the SUM counts its owners."""
     import torch.distributed as dist
 
     zy, m, logs, _w = parts[:4]
@@ -101,12 +103,13 @@ def combine_shards(parts, labels, shift: int, shard: VocabShard) -> None:
         sums.append(torch.where(mass == 0, 0.0, mass * (pz + (m - ref))))
         sums.append(torch.where(mass == 0, 0.0, mass * mass * torch.exp(lq)))
         sums.append(sz)
+    sums.append(owned.to(mass.dtype))  # how many shards hold the label: must be exactly 1
     packed = torch.stack(sums)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
     log_tot = torch.log(packed[0])
     m.copy_(m_all)
     logs.copy_(log_tot)
-    zy.copy_(packed[1])
+    zy.copy_(torch.where((packed[-1] != 1) & ~outside, float("nan"), packed[1]))
     if has_stats:
         pz.copy_(packed[2] / packed[0])
         lq.copy_(torch.log(packed[3]) - 2.0 * log_tot)

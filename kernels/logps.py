@@ -546,7 +546,8 @@ def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
     extra = stats[4:] if has_stats else (zy,) * 4  # placeholder pointers, never read
     _seq_reduce_kernel[(n_seq,)](
         zy, m, logs, w, labels, out, counts, bad, *extra, ext if has_stats else out,
-        cu_seqlens if cu_seqlens is not None else bad,  # placeholder pointer, never read
+        # read as a dense array of offsets: a strided view would be read at the wrong places
+        cu_seqlens.contiguous() if cu_seqlens is not None else bad,  # else a placeholder, never read
         R, V, shift, *labels.stride(), out.numel(),
         REDUCTION=code, STATS=has_stats, HAS_SEGMENTS=cu_seqlens is not None, ACC=_acc(zy.dtype),
         BLOCK_R=block, num_warps=REDUCE_WARPS[has_stats],

@@ -128,6 +128,18 @@ def test_no_prediction_across_a_boundary(device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_strided_cu_seqlens(impl, device):
+    """A cu_seqlens that is a strided view is read by value, not by its storage's layout."""
+    (logits,), ids, _mask, cu = packed_case(device=device)
+    spread = torch.full((2 * cu.numel() - 1,), -1, dtype=torch.int32, device=cu.device)
+    spread[::2] = cu
+    view = spread[::2]
+    assert not view.is_contiguous()
+    torch.testing.assert_close(get_logps(logits, ids, cu_seqlens=view, impl=impl),
+                               get_logps(logits, ids, cu_seqlens=cu, impl=impl), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_labels_convention_and_float64_gradcheck(impl, device):
     (logits,), ids, mask, cu = packed_case(V=5, dtype=torch.float64, device=device,
                                            lengths=(3, 1, 2), seed=2)

@@ -145,31 +145,55 @@ def _errors(rank, world, group):
     # ... and NaN, never a number, without validation
     assert get_logps(logits, bad, process_group=group, vocab_size=V, impl="torch",
                      validate=False).isnan().all()
+    # a label inside vocab_size that no shard holds (the shards, 12 columns each from rank * 12,
+    # leave a gap before vocab_size): NaN, not a log-prob missing its label's logit
+    gap = torch.full((1, 5), 1)
+    gap[0, 3] = 12 * world + 1
+    out = get_logps(logits, gap, process_group=group, vocab_size=12 * world + 5, impl="torch",
+                    reduction="none")
+    assert out[0, 2].isnan() and out[0, [0, 1, 3]].isfinite().all(), out
 
 
 def _dtensor_weight(rank, world):
-    """An FSDP2-style lm_head: a DTensor sharded on dim 0; gathered once, gradients as plain."""
+    """An FSDP2-style lm_head: a DTensor sharded on dim 0, each rank with its own batch (data
+    parallel): gathered once; the hidden-state gradient as a plain call's, the weight and bias
+    gradients the plain ones averaged over the ranks (FSDP2's reduction). The same through
+    dpo_loss_from_hidden's grad_in_forward path."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from fused_dpo import dpo_loss_from_hidden
+
     mesh = init_device_mesh("cpu", (world,))
     g = torch.Generator().manual_seed(3)
-    h, w = torch.randn(2, 7, 6, generator=g), torch.randn(24, 6, generator=g)
-    b = torch.randn(24, generator=g)
-    ids = torch.randint(0, 24, (2, 7), generator=g)
-    w_dt = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
-    b_dt = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
-    h1 = h.clone().requires_grad_(True)
-    out = get_logps_from_hidden(h1, w_dt, ids, bias=b_dt, impl="torch", chunk_size=5,
-                                reduction="mean")
-    out.backward(torch.arange(2.0) + 1)
-    h2, w2, b2 = (t.clone().requires_grad_(True) for t in (h, w, b))
-    ref = get_logps_from_hidden(h2, w2, ids, bias=b2, impl="torch", chunk_size=5, reduction="mean")
-    ref.backward(torch.arange(2.0) + 1)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(h1.grad, h2.grad)
-    torch.testing.assert_close(w_dt.grad.full_tensor(), w2.grad)
-    torch.testing.assert_close(b_dt.grad.full_tensor(), b2.grad)
+    w, b = torch.randn(24, 6, generator=g), torch.randn(24, 6, generator=g)[:, 0].contiguous()
+    mine = torch.Generator().manual_seed(10 + rank)  # this rank's data
+    h = torch.randn(2, 7, 6, generator=mine)
+    ids = torch.randint(0, 24, (2, 7), generator=mine)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, 3:] = True
+    calls = {
+        "logps": lambda hh, ww, bb: get_logps_from_hidden(
+            hh, ww, ids, bias=bb, impl="torch", chunk_size=5, reduction="mean") @ (torch.arange(2.0) + 1),
+        "grad_in_forward": lambda hh, ww, bb: dpo_loss_from_hidden(
+            hh, ww, ids, mask, bias=bb, ref_logps=torch.tensor([-9.0, -8.0]), impl="torch",
+            chunk_size=5, grad_in_forward=True)[0],
+    }
+    for name, call in calls.items():
+        w_dt = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+        b_dt = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
+        h1 = h.clone().requires_grad_(True)
+        out = call(h1, w_dt, b_dt)
+        out.backward()
+        h2, w2, b2 = (t.clone().requires_grad_(True) for t in (h, w, b))
+        ref = call(h2, w2, b2)
+        ref.backward()
+        torch.testing.assert_close(out, ref, msg=name)
+        torch.testing.assert_close(h1.grad, h2.grad, msg=name)
+        for got, want in ((w_dt.grad, w2.grad), (b_dt.grad, b2.grad)):
+            dist.all_reduce(want)
+            want /= world
+            torch.testing.assert_close(got.full_tensor(), want, msg=name)
 
 
 def _worker(rank, world, init_file):
