@@ -1,9 +1,11 @@
 """Scenarios of tests/test_distributed.py that need the trainer's Python API on every rank, run as
-`torchrun --nproc-per-node N tests/dist_worker.py SCENARIO OUT_DIR` (gloo, CPU). Rank 0 writes
-what the test checks to OUT_DIR/result-SCENARIO.json.
+`torchrun --nproc-per-node N tests/dist_worker.py SCENARIO[,SCENARIO...] OUT_DIR` (gloo, CPU).
+Rank 0 writes what the test checks to OUT_DIR/result-SCENARIO.json.
 
     tied   FSDP2 on a Llama whose lm_head is its input embedding: the tie survives sharding and
            training, and the run matches one process (the test runs that one itself).
+    lora   FSDP2 with LoRA adapters (the reference is the policy with its adapters off, through
+           the same sharded root): the run matches one process.
     nan    DDP; rank 1 alone sees a NaN loss at step 1: every rank skips that step, and the
            weights stay identical across ranks.
 """
@@ -59,6 +61,17 @@ def tied(out: Path):
             "rows": result.get("metrics")}
 
 
+def lora(out: Path):
+    d = distributed.setup("fsdp2")
+    tok, train, held = setup()
+    from fused_dpo.train.models import tiny_llama
+
+    t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
+                   config(out / "lora", batch_size=2, parallel="fsdp2", lora_r=4, learning_rate=1e-2),
+                   dist=d)
+    return {"rows": t.train(progress=False).get("metrics")}
+
+
 def nan(out: Path):
     d = distributed.setup("ddp")
     tok, train, held = setup()
@@ -82,9 +95,10 @@ def nan(out: Path):
 
 
 if __name__ == "__main__":
-    scenario, out = sys.argv[1], Path(sys.argv[2])
+    out = Path(sys.argv[2])
     torch.set_num_threads(1)
-    res = {"tied": tied, "nan": nan}[scenario](out)
-    if distributed.Dist(rank=int(os.environ.get("RANK", "0"))).main:
-        (out / f"result-{scenario}.json").write_text(json.dumps(res))
+    for scenario in sys.argv[1].split(","):  # several in one launch: one start-up paid
+        res = {"tied": tied, "lora": lora, "nan": nan}[scenario](out)
+        if distributed.Dist(rank=int(os.environ.get("RANK", "0"))).main:
+            (out / f"result-{scenario}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()

@@ -1,7 +1,8 @@
 """The trainer on several processes (issue 13): torchrun, gloo, the CPU, 2 ranks, a tiny model.
 
-- DDP and FSDP2 on 2 ranks of batch 2 give the run of one process of batch 4: the same losses,
-  gradient norms, metrics and final weights (fp32 sums in another order: relative 1e-5);
+- DDP and FSDP2 on 2 ranks of batch 2 give the run of one process of batch 4, 2 accumulation
+  steps each: the same losses, gradient norms, metrics and final weights (fp32 sums in another
+  order: relative 1e-5);
 - a rank killed with SIGKILL ends the job, torchrun's summary names it, the previous checkpoint is
   complete, one process reads it, and --resume then finishes the run exactly as if it had not
   been interrupted;
@@ -47,8 +48,9 @@ def data(tmp_path_factory):
 
 
 def common(data):
+    # two micro-batches a step: the ranks' gradients are reduced on the second only
     return ["--data", str(data), "--eval-steps", "2", "--no-progress", "--lr-scheduler", "constant",
-            "--warmup-steps", "0", "--max-steps", "4"]
+            "--warmup-steps", "0", "--max-steps", "4", "--gradient-accumulation-steps", "2"]
 
 
 def child_env():
@@ -141,7 +143,7 @@ def assert_same_weights(run: Path, single: Path):
 
 def test_fsdp2_on_two_ranks_is_the_single_process_run(single, fsdp2_run):
     out, log = fsdp2_run
-    assert "global batch 4 pairs per step = 2 per rank x 2 ranks x 1 accumulation steps" in log
+    assert "global batch 8 pairs per step = 2 per rank x 2 ranks x 2 accumulation steps" in log
     assert_same_run(rows(out), rows(single))
     assert_same_weights(out, single)
     # rank 0 alone wrote the run files, once; the checkpoint is sharded over both ranks
@@ -241,21 +243,27 @@ def test_killed_rank_stops_the_job_and_resume_finishes_the_run_exactly(fsdp2_run
     assert_same_run(rows(out), rows(fsdp2_run[0]), exact=True)
 
 
-def test_tied_embedding_stays_tied_under_fsdp2(data, tmp_path):
+def test_tied_embedding_and_lora_under_fsdp2(data, tmp_path):
+    """A tied lm_head stays the input embedding through sharding and training; LoRA's reference
+    (the policy with its adapters off) goes through the same sharded root. Both runs equal one
+    process's."""
     from dist_worker import config, setup, tied_llama
 
     from fused_dpo.train.trainer import DPOTrainer
 
-    code, log = finished(torchrun(2, ROOT / "tests" / "dist_worker.py", "tied", tmp_path, module=False))
+    code, log = finished(torchrun(2, ROOT / "tests" / "dist_worker.py", "tied,lora", tmp_path,
+                                  module=False))
     assert code == 0, log
-    res = json.loads((tmp_path / "result-tied.json").read_text())
-    assert res["tied_after_wrap"] and res["tied_after_training"]
     tok, train_rows, held = setup()
-    model = tied_llama(len(tok))
-    DPOTrainer(model, None, tok, train_rows, held, config(tmp_path / "single", batch_size=4)).train(
-        progress=False)
-    assert_same_run([{k: v for k, v in r.items() if k not in VOLATILE} for r in res["rows"]],
-                    rows(tmp_path / "single"))
+    for name, model, kw in (("tied", tied_llama(len(tok)), {}),
+                            ("lora", tiny_llama(len(tok)), dict(lora_r=4, learning_rate=1e-2))):
+        res = json.loads((tmp_path / f"result-{name}.json").read_text())
+        if name == "tied":
+            assert res["tied_after_wrap"] and res["tied_after_training"]
+        DPOTrainer(model, None, tok, train_rows, held,
+                   config(tmp_path / f"single-{name}", batch_size=4, **kw)).train(progress=False)
+        assert_same_run([{k: v for k, v in r.items() if k not in VOLATILE} for r in res["rows"]],
+                        rows(tmp_path / f"single-{name}"))
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):

@@ -44,7 +44,7 @@ def test_reference_is_the_policy_with_adapters_off(tmp_path):
     assert r["metrics"][0]["rewards/margins"] == 0.0
     batch = t._batch(t.eval_data, list(range(8)))
     with torch.no_grad():
-        ref = t.ref_logps(batch).logps
+        ref = t._ref_forward(batch).logps  # the trainer's reference pass: adapters off
         truth = LogpsHead(untouched, "torch")(batch).logps
         policy = t.policy_logps(batch).logps
     assert torch.equal(ref, truth)  # after training, the reference is still the initial model

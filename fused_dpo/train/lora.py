@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import torch
 
 from .config import ALL_LINEAR
-from .hf import LogpsHead
 
 
 def is_peft_model(model) -> bool:
@@ -113,16 +112,3 @@ def adapters_off(peft_model):
             yield
     finally:
         peft_model.train(was_training)
-
-
-class ReferenceLogps:
-    """The reference of a LoRA run: the policy's own model with its adapters off."""
-
-    def __init__(self, peft_model, impl: str):
-        self.peft_model = peft_model
-        # The policy's head already warned about a fallback to logits, if any.
-        self.head = LogpsHead(peft_model.get_base_model(), impl, warn=False)
-
-    def __call__(self, batch):
-        with adapters_off(self.peft_model):
-            return self.head(batch)
