@@ -8,6 +8,9 @@ Rank 0 writes what the test checks to OUT_DIR/result-SCENARIO.json.
            the same sharded root): the run matches one process.
     nan    DDP; rank 1 alone sees a NaN loss at step 1: every rank skips that step, and the
            weights stay identical across ranks.
+    nanacc FSDP2, 2 accumulation steps; rank 1 alone sees a NaN loss on the second micro-batch of
+           step 1, after the first one's backward: the step is skipped and nothing of it leaks
+           into the next (the test compares with one process that skips the same micro-batch).
 """
 
 import json
@@ -72,6 +75,34 @@ def lora(out: Path):
     return {"rows": t.train(progress=False).get("metrics")}
 
 
+def poison(t, rank: int, step: int, micro: int):
+    """t whose training loss is NaN on `rank` at micro-batch `micro` of `step` (-1: every rank)."""
+    forward, seen = t._forward_loss, {}
+
+    def poisoned(*args, **kw):
+        loss, *rest = forward(*args, **kw)
+        if args[2] == "train":
+            k = seen[t.step] = seen.get(t.step, -1) + 1
+            if t.step == step and k == micro and rank in (-1, t.dist.rank):
+                loss = loss * float("nan")
+        return (loss, *rest)
+
+    t._forward_loss = poisoned
+    return t
+
+
+def nanacc(out: Path, parallel="fsdp2", batch_size=2, rank=1):
+    d = distributed.setup(parallel)
+    tok, train, held = setup()
+    from fused_dpo.train.models import tiny_llama
+
+    t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
+                   config(out / f"nanacc-{parallel}", batch_size=batch_size, parallel=parallel,
+                          gradient_accumulation_steps=2, max_steps=3), dist=d)
+    result = poison(t, rank, step=1, micro=1).train(progress=False)
+    return {"flags": result["flags"], "rows": result.get("metrics")}
+
+
 def nan(out: Path):
     d = distributed.setup("ddp")
     tok, train, held = setup()
@@ -98,7 +129,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[2])
     torch.set_num_threads(1)
     for scenario in sys.argv[1].split(","):  # several in one launch: one start-up paid
-        res = {"tied": tied, "lora": lora, "nan": nan}[scenario](out)
+        res = {"tied": tied, "lora": lora, "nan": nan, "nanacc": nanacc}[scenario](out)
         if distributed.Dist(rank=int(os.environ.get("RANK", "0"))).main:
             (out / f"result-{scenario}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()

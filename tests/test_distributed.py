@@ -148,7 +148,7 @@ def test_fsdp2_on_two_ranks_is_the_single_process_run(single, fsdp2_run):
     assert_same_weights(out, single)
     # rank 0 alone wrote the run files, once; the checkpoint is sharded over both ranks
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint", "metrics.jsonl", "config.json", "run.json", "health.md", "curves.png"])
+        ["checkpoint.dcp", "metrics.jsonl", "config.json", "run.json", "health.md", "curves.png"])
     step = sharded.latest(out)
     assert step.name == "step-000004"
     assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -187,7 +187,7 @@ def test_fsdp2_in_one_process_without_torchrun_is_the_plain_run(single, data, tm
 
 
 def wait_for_checkpoint(out: Path, proc, timeout=180) -> str:
-    pointer = out / "checkpoint" / "LATEST"
+    pointer = out / "checkpoint.dcp" / "LATEST"
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if pointer.is_file() and pointer.read_text().strip():
@@ -267,8 +267,17 @@ def test_tied_embedding_and_lora_under_fsdp2(data, tmp_path):
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    code, log = finished(torchrun(2, ROOT / "tests" / "dist_worker.py", "nan", tmp_path, module=False))
+    from dist_worker import nanacc
+
+    code, log = finished(torchrun(2, ROOT / "tests" / "dist_worker.py", "nan,nanacc", tmp_path,
+                                  module=False))
     assert code == 0, log
+    # FSDP2 with accumulation: the micro-batch before the NaN one leaves nothing behind
+    got = json.loads((tmp_path / "result-nanacc.json").read_text())
+    want = nanacc(tmp_path, parallel="none", batch_size=4, rank=-1)  # one process, the same skip
+    assert got["flags"].count("nonfinite_loss") == 1 and want["flags"] == got["flags"]
+    assert_same_run([{k: v for k, v in r.items() if k not in VOLATILE} for r in got["rows"]],
+                    [{k: v for k, v in r.items() if k not in VOLATILE} for r in want["rows"]])
     res = json.loads((tmp_path / "result-nan.json").read_text())
     assert res["steps"] == 3 and res["flags"].count("nonfinite_loss") == 1
     assert [r["step"] for r in res["rows"] if "loss" in r] == [0, 2]  # step 1 had no update

@@ -143,6 +143,19 @@ def test_resume_refuses_a_different_config_data_or_reference(tmp_path):
         "eval_steps": [2, 3], "max_steps": [4, 6]}
 
 
+def test_a_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
+    """A field added to DPOConfig later (parallel, padding_free) is absent from an older run's
+    checkpoint and config.json: it reads as its default, the value that run trained with."""
+    trainer(tmp_path).train(progress=False, until_step=2)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("parallel", "padding_free"):
+        del ckpt["config"][key]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    assert trainer(tmp_path).train(progress=False, resume=True)["steps"] == 4
+    with pytest.raises(ValueError, match=r"in padding_free False -> True; only max_steps"):
+        trainer(tmp_path, padding_free=True, max_steps=6).train(progress=False, resume=True)
+
+
 # -- item 8: a kill in the middle of a write -------------------------------------------------
 
 def test_torn_metrics_tail_and_leftover_temporaries_are_repaired(tmp_path, capsys):

@@ -104,7 +104,12 @@ def weights_fingerprint(module: torch.nn.Module, skip: str | None = None) -> str
 
 
 def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
-    """(allowed, refused): field -> [saved value, current value], split by RESUMABLE_CHANGES."""
+    """(allowed, refused): field -> [saved value, current value], split by RESUMABLE_CHANGES. A
+    field the saved config lacks (added to DPOConfig after the checkpoint was written) counts as
+    its default, which is what that run trained with."""
+    from .config import DPOConfig
+
+    saved = {**DPOConfig().to_dict(), **saved}
     changed = {k: [saved.get(k), current.get(k)] for k in sorted(set(saved) | set(current))
                if saved.get(k) != current.get(k)}
     allowed = {k: v for k, v in changed.items() if k in RESUMABLE_CHANGES}

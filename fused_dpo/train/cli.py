@@ -167,6 +167,7 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     result = trainer.train(resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if d.main:
         _summary(result, Path(cfg.output_dir))
+    d.barrier()  # no rank exits (torchrun would then stop the others) before the summary is out
     return result
 
 
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         where = f"rank {rank}: " if rank is not None else ""
         print(f"error: {where}" + " ".join(str(e).split()), file=sys.stderr)
+        if rank is not None:
+            # for torchrun's failure summary, which otherwise shows only the exit code here (and
+            # the other ranks' lost connections)
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(e)
         return 2
     finally:
         import torch.distributed as dist

@@ -7,7 +7,8 @@ What the ranks share, and how (the trainer calls into this module at each point)
 - **Data.** Every rank draws the same global batch of batch_size * world pairs from the seeded
   stream and keeps its contiguous slice: N ranks at batch b see what one process sees at batch N*b.
 - **Gradients.** DDP averages them over ranks; FSDP2 reduce-scatters them (in fp32 under a bf16
-  parameter policy). Skipped on the micro-batches of gradient accumulation but the last.
+  parameter policy). DDP reduces once per step, on the last micro-batch of gradient accumulation;
+  FSDP2 on every micro-batch, into the shards (see `gradient_sync`).
 - **Metrics.** Averaged over ranks (token counts and the token sums of TRL's metrics summed, the
   peak memory maxed) before the health monitor sees them. Every rank runs the same monitor on the
   same numbers and takes the same decisions; a NaN/inf loss on any rank skips the step on all.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -215,26 +216,15 @@ def reshard(*modules) -> None:
             m.reshard()
 
 
-@contextmanager
 def gradient_sync(wrapped: torch.nn.Module, sync: bool):
-    """Forward and backward of a micro-batch whose gradients are (`sync`) or are not yet reduced
-    over the ranks (gradient accumulation reduces once, on the last micro-batch)."""
-    if sync:
-        yield
-        return
-    if hasattr(wrapped, "no_sync"):  # DDP
-        with wrapped.no_sync():
-            yield
-        return
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            wrapped.set_requires_gradient_sync(True)
-        return
-    with nullcontext():
-        yield
+    """The context for the forward and backward of a micro-batch: under DDP, gradient accumulation
+    reduces once, on the last micro-batch (`sync`); the others accumulate in each rank's .grad.
+    FSDP2 reduces every micro-batch into the shards: skipping it would hold the whole unsharded
+    gradient on every rank between micro-batches (the memory FSDP2 is there to save), in buffers
+    that optimizer.zero_grad does not clear when a NaN micro-batch ends the step early."""
+    if not sync and hasattr(wrapped, "no_sync"):  # DDP
+        return wrapped.no_sync()
+    return nullcontext()
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

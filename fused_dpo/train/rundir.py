@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint import CKPT, atomic_write_text
 
 METRICS, CONFIG, RUN = "metrics.jsonl", "config.json", "run.json"
-SHARDED = "checkpoint"  # the folder of a distributed run's sharded checkpoints (sharded.py)
+SHARDED = "checkpoint.dcp"  # the folder of a distributed run's sharded checkpoints (sharded.py)
 # The checkpoints come first: `clear` deletes in this order, so a run replaced by --overwrite and
 # killed half-way can never leave the old model beside the new run's config and metrics.
 RUN_FILES = (CKPT, SHARDED, METRICS, CONFIG, RUN, "health.md", "curves.png")
@@ -60,6 +60,8 @@ def clear(out: Path) -> None:
     for name in RUN_FILES:
         p = out / name
         if p.is_dir() and not p.is_symlink():
+            # LATEST first: a kill inside rmtree must not leave it naming half-deleted shards
+            (p / "LATEST").unlink(missing_ok=True)
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Sharded checkpoints of a distributed run (torch.distributed.checkpoint), written atomically.
 
-    run/checkpoint/LATEST            the name of the newest complete checkpoint ("step-000040")
-    run/checkpoint/step-000040/      .metadata and *.distcp: the model and optimizer shards (DCP)
+    run/checkpoint.dcp/LATEST        the name of the newest complete checkpoint ("step-000040")
+    run/checkpoint.dcp/step-000040/  .metadata and *.distcp: the model and optimizer shards (DCP)
                                trainer.pt   step, data position, scheduler, monitor, BCO state,
                                             reference log-probs, config, fingerprints (rank 0)
                                rng-0.pt ... each rank's RNG states
@@ -68,6 +68,7 @@ def save(out: Path, d: Dist, model, optimizer, state: dict, adapters_only: bool)
     if d.main:
         atomic_write_bytes(target / TRAINER, lambda f: torch.save(
             {**state, "format": FORMAT, "world_size": d.world, "parallel": d.parallel}, f))
+    _fsync_dir(target)  # the renames into it, too, before LATEST can name it
     d.barrier()  # every rank's files are on disk
     if d.main:
         atomic_write_text(root / LATEST, name + "\n")
@@ -88,8 +89,8 @@ def latest(out: Path) -> Path | None:
     target = out / DIR / name
     if not name.startswith("step-") or not (target / ".metadata").is_file() \
             or not (target / TRAINER).is_file():
-        raise ValueError(f"--resume: {pointer} names {name!r}, which is not a complete checkpoint "
-                         f"in {out / DIR}; the run directory is damaged")
+        raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint in "
+                         f"{out / DIR}; the run directory is damaged")
     return target
 
 
@@ -148,10 +149,16 @@ def load_model_state(run_dir: str | Path, model: torch.nn.Module) -> int:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {n: t for n, t in sd.items() if n in trainable}
     box = {"model": sd}
-    dcp.load(box, checkpoint_id=target)
-    missing, unexpected = model.load_state_dict(box["model"], strict=False)
-    if not adapters and missing:
-        raise ValueError(f"{target}: the checkpoint lacks {missing[:3]}: not this model's weights")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(box, checkpoint_id=target)  # every key of sd, or an error
+    except (CheckpointException, RuntimeError, ValueError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[-1][:300] if lines else type(e).__name__  # DCP's text ends in the cause
+        raise ValueError(f"{target} does not hold this model's weights ({type(model).__name__}): "
+                         f"{detail}") from None
+    model.load_state_dict(box["model"], strict=False)  # box holds exactly sd's keys, all read
     return s["step"]
 
 

@@ -267,18 +267,25 @@ class DPOTrainer:
 
     @torch.no_grad()
     def precompute_reference(self) -> None:
-        """reference="precomputed": log-probs of every pair once, then free the reference model."""
+        """reference="precomputed": log-probs of every pair once, then free the reference model.
+        The batches are dealt out to the ranks (batch k to rank k mod world) and the results summed
+        over them; a rank left without a batch in the last round runs one on pair 0 and keeps
+        nothing (FSDP2's gathers need every rank)."""
+        d, bs = self.dist, self.config.batch_size
         for split, data in (("train", self.train_data), ("eval", self.eval_data)):
             if data is None:
                 continue
-            out = torch.empty(len(data.pairs), 2, dtype=torch.float32)
-            bs = self.config.batch_size
-            for s in range(0, len(data.pairs), bs):
-                idx = list(range(s, min(s + bs, len(data.pairs))))
+            n = len(data.pairs)
+            out = torch.zeros(n, 2, dtype=torch.float32)
+            starts = list(range(0, n, bs))
+            rounds = -(-len(starts) // d.world)
+            for k in range(rounds * d.world)[d.rank :: d.world]:
+                idx = list(range(starts[k], min(starts[k] + bs, n))) if k < len(starts) else []
                 with self._autocast():
-                    lp = self._ref_forward(self._batch(data, idx)).logps.float().cpu()
-                out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx) :]
-            self.ref_cache[split] = out
+                    lp = self._ref_forward(self._batch(data, idx or [0])).logps.float().cpu()
+                if idx:
+                    out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx) :]
+            self.ref_cache[split] = d.all_reduce(out)
         self.ref_model = self.ref_logps = self.ref_module = None
 
     # -- one step ------------------------------------------------------------------------------
@@ -626,8 +633,19 @@ class DPOTrainer:
         state = model_state_bytes([self.model, self.ref_model], self.optimizer)
         per_rank = d.gather(state)  # a collective: before rank 0 goes its own way
         if not d.main:
+            # Wait for rank 0's files: a rank that returned (and exited, with code 3 after an
+            # early stop) now would make torchrun stop rank 0 half-way through writing them.
+            d.barrier()
             return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
                     "model_state_bytes": state, "model_state_bytes_per_rank": per_rank}
+        try:
+            return self._write_report(stopped, state, per_rank)
+        finally:
+            d.barrier()
+
+    def _write_report(self, stopped: str | None, state: dict, per_rank: list) -> dict:
+        """Rank 0: health.md and curves.png from the metrics log; the run's summary."""
+        d = self.dist
         rows = [json.loads(ln) for ln in _read_lines(self.out / rundir.METRICS)]
         evals = [r for r in rows if "eval/rewards/accuracies" in r]
         extra = [f"Training data: {self.train_data.report()}."]
