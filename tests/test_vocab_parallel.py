@@ -230,7 +230,11 @@ def _worker(rank, world, init_file):
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2ranks", "3ranks"])
-def test_vocab_parallel_equals_single_process(world, tmp_path):
+def test_vocab_parallel_equals_single_process(world, tmp_path, monkeypatch):
+    # The ranks are CPU processes on gloo, with Triton's interpreter, on a GPU machine too (one
+    # GPU cannot hold 3 ranks; gloo reduces CPU tensors): the children see no CUDA.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(world, str(tmp_path / "init")), nprocs=world, join=True)
 
 
