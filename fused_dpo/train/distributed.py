@@ -139,11 +139,6 @@ def setup(parallel: str) -> Dist:
     return Dist(parallel, dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class LogpsModule(torch.nn.Module):
     """A causal LM and its log-prob heads (`hf.LogpsHead`) as one module, whose forward is what DDP
     and FSDP2 wrap. `heads` maps a name ("policy", "reference") to a head on this same model (under
@@ -198,7 +193,7 @@ def wrap(module: LogpsModule, d: Dist, precision: str, trainable: bool) -> torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
-        for layer in decoder_layers(module.model):
+        for layer in reversed(decoder_layers(module.model)):  # innermost first, if they nest
             fully_shard(layer, mp_policy=mp)
         # The root's parameters (the embeddings and lm_head: the largest) stay gathered from the
         # policy's forward to its backward, one gather for both; a frozen reference has no
