@@ -11,6 +11,11 @@ add what the fused op has besides: softcap, the hidden-state path, float64 truth
 Cost (both in the same pass over each row as the log-probs): the entropy adds two multiply-adds
 per logit to the forward; its gradient one more term to the backward's per-logit update. Rows off
 the mask are neither read nor written in the forward; their gradient is written as zeros.
+
+Tensor parallelism (`process_group=`, `vocab_start=`, `vocab_size=`): the logits (or the lm_head
+rows) are this rank's vocab shard, as in `get_logps`; every rank gets the global per-token
+log-probs and entropy. Packed (padding-free) rows need no `cu_seqlens` here: the inputs are
+aligned and the outputs per token, so a packed row is scored as any other row.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ def token_logps_and_entropy(
     softcap: float | None = None,
     impl: str = "auto",
     validate: bool = True,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, entropy), each shaped like `index`, from logits aligned with it.
 
@@ -80,6 +88,18 @@ def token_logps_and_entropy(
             outputs (TRL's contract: it skips, it does not weight; use `get_logps(...,
             stats=("entropy",))` for weighted tokens).
         impl, validate: as in `get_logps`.
+        process_group, vocab_start, vocab_size: vocab-parallel (GRPO/PPO under tensor
+            parallelism), as in `get_logps`: logits (..., V_local) are this rank's contiguous
+            shard, global columns [vocab_start, vocab_start + V_local) (default rank * V_local);
+            vocab_size is the global V (default world_size * V_local; columns at or past it, the
+            last shard's padding, are ignored, their gradient 0). Every rank passes the same
+            index and row_mask and gets the same, global, log-probs and entropy; the logits
+            gradient is this shard's columns (no communication in the backward). Eager only;
+            impl "reference" is refused.
+
+    Packed (padding-free) rows take no `cu_seqlens`: position i scores index[i] with no shift
+    and the outputs are per token, so nothing crosses a sequence boundary; pass the packed row
+    (1, total_T, V) as it is.
 
     Returns:
         float32 (float64 for float64 logits) `logps` and `entropy`.
@@ -87,7 +107,8 @@ def token_logps_and_entropy(
     x, lead, ids, mask = _rows_inputs(logits, "logits", index, row_mask)
     out = get_logps(x, ids, mask, shift=False, reduction="none", temperature=temperature,
                     softcap=softcap, impl=impl, validate=validate, stats=("entropy",),
-                    entropy_grad=entropy_requires_grad)
+                    entropy_grad=entropy_requires_grad, process_group=process_group,
+                    vocab_start=vocab_start, vocab_size=vocab_size)
     return out.logps.reshape(lead), out.entropy.reshape(lead)
 
 
@@ -106,15 +127,28 @@ def token_logps_and_entropy_from_hidden(
     chunk_size: int | None = None,
     compact: bool = True,
     validate: bool = True,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps_and_entropy(hidden @ weight.T + bias, ...)` without the logits: hidden is
     (..., H) aligned with `index` (...), the head (V, H). Only rows where `row_mask` is nonzero
     are multiplied with the head (compacted), the vocabulary a chunk at a time; the other
-    arguments are those of `get_logps_from_hidden`."""
+    arguments are those of `get_logps_from_hidden`.
+
+    process_group, vocab_start, vocab_size: vocab-parallel, as in `get_logps_from_hidden`: weight
+    (V_local, H) (and bias (V_local,)) are this rank's rows of the lm_head, global ids
+    [vocab_start, vocab_start + V_local); hidden, index and row_mask the same on every rank,
+    which gets the global per-token log-probs and entropy. The weight and bias gradients stay
+    local (0 for padding rows past vocab_size); the hidden-state gradient is all-reduced over
+    the group, so every rank gets the full one. Eager only. As for the logits, packed rows need
+    no `cu_seqlens` (aligned inputs, per-token outputs)."""
     h, lead, ids, mask = _rows_inputs(hidden, "hidden", index, row_mask)
     out = get_logps_from_hidden(h, weight, ids, mask, bias=bias, shift=False, reduction="none",
                                 temperature=temperature, softcap=softcap, head_dtype=head_dtype,
                                 impl=impl, chunk_size=chunk_size, compact=compact,
                                 validate=validate, stats=("entropy",),
-                                entropy_grad=entropy_requires_grad)
+                                entropy_grad=entropy_requires_grad,
+                                process_group=process_group, vocab_start=vocab_start,
+                                vocab_size=vocab_size)
     return out.logps.reshape(lead), out.entropy.reshape(lead)
