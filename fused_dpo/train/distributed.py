@@ -60,17 +60,9 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        # gloo reduces CPU tensors, NCCL CUDA ones
-        return t.to(self.device if dist.get_backend() == "nccl" else "cpu")
-
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`t` reduced over the ranks (a new tensor on t's device); `t` itself without a group."""
-        if not self.enabled:
-            return t
-        w = self._wire(t.detach().clone())
-        dist.all_reduce(w, op=op)
-        return w.to(t.device)
+        return _all_reduce(t, op) if self.enabled else t
 
     def all_true(self, flag: bool | torch.Tensor) -> bool:
         """Whether `flag` holds on every rank (one collective; a host sync)."""
@@ -249,13 +241,15 @@ class GlobalBCOState(BCOState):
                                                    device=r.device)])
         if not self.active:
             local = torch.zeros_like(local)
-        total, n = (float(x) for x in _group_sum(local))
+        total, n = (float(x) for x in _all_reduce(local))
         if n:
             self.mean = (self.mean * self.count + total) / (self.count + n)
             self.count += int(n)
 
 
-def _group_sum(t: torch.Tensor) -> torch.Tensor:
-    w = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(w)
-    return w
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`t` reduced over the default group, as a new tensor on t's device. gloo reduces CPU
+    tensors, NCCL CUDA ones (this rank's device, set by `setup`)."""
+    w = t.detach().clone().to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(w, op=op)
+    return w.to(t.device)
