@@ -39,6 +39,7 @@ block and scores flat position idx[i] = b * R + r (the hidden-state path's respo
 Statistics are contiguous (B, R) in ACC (fp32; fp64 for float64 inputs so gradcheck is exact).
 """
 
+import contextlib
 import functools
 import os
 
@@ -59,6 +60,43 @@ def _transform(x, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
         e = tl.exp((2.0 / softcap) * x)
         x = softcap * (1.0 - 2.0 / (e + 1.0))
     return x * inv_temp
+
+
+@triton.jit
+def _stats_block(x_row, v0, V, stride_xv, inv_temp, softcap, col_lim, m, s, s_row, u, q, szt, mbt,
+                 HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One block of _row_stats_kernel's online reduction: columns [v0, v0 + BLOCK_V), masked to
+    V only for the tail (MASKED)."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    if MASKED:
+        inside = cols < V
+        x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
+        zt = _transform(x, inv_temp, softcap, HAS_SOFTCAP)  # 0 at the padding (x = 0 there)
+        # Re-mask after the transform: a softcap would map a -inf pad to -c, not -inf.
+        z = tl.where(inside, zt, float("-inf"))
+    else:
+        x = tl.load(x_row + cols * stride_xv).to(ACC)
+        zt = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
+        z = zt
+    m_new = tl.maximum(m, tl.max(z, 0))
+    # A block (or row prefix) of only -inf would give exp(-inf - -inf) = NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    d = z - m_ref
+    e = tl.exp(d)
+    if STATS:
+        # Move u from reference m to m_ref: sum e'(z - m_ref) = alpha (u + (m - m_ref) s);
+        # e (z - m_ref) is 0, not NaN, where z = -inf.
+        shift_ref = tl.where(m == float("-inf"), 0.0, m - m_ref)
+        u = alpha * (u + shift_ref * s_row) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 0)
+        s_row = s_row * alpha + tl.sum(e, 0)
+        q = (alpha * alpha) * q + tl.sum(e * e, 0)
+        szt += tl.sum(zt, 0)
+        mbt = tl.maximum(mbt, tl.max(tl.where(cols < col_lim, z, float("-inf")), 0))
+    else:
+        s = s * alpha + e
+    return m_new, s, s_row, u, q, szt, mbt
 
 
 @triton.jit
@@ -95,49 +133,41 @@ def _row_stats_kernel(
         col = label - vocab_start
         # Running max m (block-wide) and sums relative to it: sum exp(z) = exp(m) * sum s.
         m = tl.full([], float("-inf"), ACC)
+        # With STATS, per row, each block reduced as it comes (five lane-wise accumulators would
+        # take 128 registers a thread at 4096 x bf16 and halve the loads in flight; as scalars,
+        # 38-40 at 16 warps, no spills, ptxas for sm_90; see stats_warps):
+        # s_row = sum e, u = sum e (z - m) (entropy), q = sum e^2 (sum of p^2),
+        # szt = sum z (mean logit), mbt = max z over the columns before the label (top-1).
+        # Without, the scalars are dead code and s is lane-wise: one reduction per row, after
+        # the loop.
+        s_row = tl.zeros([], ACC)
+        u = tl.zeros([], ACC)
+        q = tl.zeros([], ACC)
+        szt = tl.zeros([], ACC)
+        mbt = tl.full([], float("-inf"), ACC)
+        # the label's column clamped to [0, V], as int32: an int64 compare in the loop would
+        # widen every column index (16 more registers a thread)
+        col_lim = tl.minimum(tl.maximum(col, 0), V).to(tl.int32)
         if STATS:
-            # Per row, each block reduced as it comes (five lane-wise accumulators would take
-            # 128 registers a thread at 4096 x bf16 and halve the loads in flight; as scalars,
-            # 38-40 at 16 warps, no spills, ptxas for sm_90; see stats_warps):
-            # s_row = sum e, u = sum e (z - m) (entropy), q = sum e^2 (sum of p^2),
-            # szt = sum z (mean logit), mbt = max z over the columns before the label (top-1).
-            s_row = tl.zeros([], ACC)
-            u = tl.zeros([], ACC)
-            q = tl.zeros([], ACC)
-            szt = tl.zeros([], ACC)
-            mbt = tl.full([], float("-inf"), ACC)
-            # the label's column clamped to [0, V], as int32: an int64 compare in the loop would
-            # widen every column index (16 more registers a thread)
-            col_lim = tl.minimum(tl.maximum(col, 0), V).to(tl.int32)
+            s = tl.zeros([1], ACC)  # unused
         else:
-            s = tl.zeros([BLOCK_V], ACC)  # lane-wise: one reduction per row, after the loop
+            s = tl.zeros([BLOCK_V], ACC)
+        # One masked tail block, then the full blocks unmasked: a `cols < V` mask with V not a
+        # multiple of 16 (a [..., :151643] view of a 151936-wide tensor, an odd vocab chunk) makes
+        # every load of the row a 2-byte scalar one (ptxas for sm_90), though the rows are
+        # aligned. The tail goes first, before any state is carried: after the loop, its scalar
+        # addresses beside the loop's state made ptxas spill (fp32, 8 warps, sm_90 and sm_80).
         # NUM_STAGES > 1: the next block's load is issued (cp.async into shared memory) while this
         # one is reduced, so more bytes are in flight per program.
-        for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            inside = cols < V
-            x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
-            zt = _transform(x, inv_temp, softcap, HAS_SOFTCAP)  # 0 at the padding (x = 0 there)
-            # Re-mask after the transform: a softcap would map a -inf pad to -c, not -inf.
-            z = tl.where(inside, zt, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, 0))
-            # A block (or row prefix) of only -inf would give exp(-inf - -inf) = NaN.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            d = z - m_ref
-            e = tl.exp(d)
-            if STATS:
-                # Move u from reference m to m_ref: sum e'(z - m_ref) = alpha (u + (m - m_ref) s);
-                # e (z - m_ref) is 0, not NaN, where z = -inf.
-                shift_ref = tl.where(m == float("-inf"), 0.0, m - m_ref)
-                u = alpha * (u + shift_ref * s_row) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 0)
-                s_row = s_row * alpha + tl.sum(e, 0)
-                q = (alpha * alpha) * q + tl.sum(e * e, 0)
-                szt += tl.sum(zt, 0)
-                mbt = tl.maximum(mbt, tl.max(tl.where(cols < col_lim, z, float("-inf")), 0))
-            else:
-                s = s * alpha + e
-            m = m_new
+        v_full = V // BLOCK_V * BLOCK_V
+        if v_full < V:
+            m, s, s_row, u, q, szt, mbt = _stats_block(
+                x_row, v_full, V, stride_xv, inv_temp, softcap, col_lim, m, s, s_row, u, q, szt,
+                mbt, HAS_SOFTCAP, STATS, True, ACC, BLOCK_V)
+        for v0 in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+            m, s, s_row, u, q, szt, mbt = _stats_block(
+                x_row, v0, V, stride_xv, inv_temp, softcap, col_lim, m, s, s_row, u, q, szt, mbt,
+                HAS_SOFTCAP, STATS, False, ACC, BLOCK_V)
         if STATS:
             s_tot = s_row
         else:
@@ -199,6 +229,26 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _rows_block(x_rows, live, v0, V, stride_xv, inv_temp, softcap, m, s,
+                HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """One [ROWS, BLOCK_V] tile of _row_stats_rows_kernel; MASKED: the tail, masked to V."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    ptrs = x_rows[:, None] + cols[None, :] * stride_xv
+    if MASKED:
+        inside = cols < V
+        x = tl.load(ptrs, mask=live[:, None] & inside[None, :], other=0.0).to(ACC)
+        z = tl.where(inside[None, :], _transform(x, inv_temp, softcap, HAS_SOFTCAP), float("-inf"))
+    else:
+        x = tl.load(ptrs, mask=live[:, None], other=0.0).to(ACC)
+        z = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_ref)[:, None] + tl.exp(z - m_ref[:, None])
+    return m_new, s
+
+
+@triton.jit
 def _row_stats_rows_kernel(
     x_ptr, labels_ptr, mask_ptr, zy_ptr, m_ptr, logs_ptr, w_ptr,
     N, R, V, shift, ignore_index, inv_temp, softcap,
@@ -229,16 +279,15 @@ def _row_stats_rows_kernel(
     x_rows = x_ptr + b * stride_xb + (flat % R) * stride_xr
     m = tl.full([ROWS], float("-inf"), ACC)
     s = tl.zeros([ROWS, BLOCK_V], ACC)
-    for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        inside = cols < V
-        x = tl.load(x_rows[:, None] + cols[None, :] * stride_xv,
-                    mask=live[:, None] & inside[None, :], other=0.0).to(ACC)
-        z = tl.where(inside[None, :], _transform(x, inv_temp, softcap, HAS_SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref)[:, None] + tl.exp(z - m_ref[:, None])
-        m = m_new
+    # the masked tail, then the full blocks masked by row only (vector loads), as in
+    # _row_stats_kernel
+    v_full = V // BLOCK_V * BLOCK_V
+    if v_full < V:
+        m, s = _rows_block(x_rows, live, v_full, V, stride_xv, inv_temp, softcap, m, s,
+                           HAS_SOFTCAP, True, ACC, BLOCK_V)
+    for v0 in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+        m, s = _rows_block(x_rows, live, v0, V, stride_xv, inv_temp, softcap, m, s, HAS_SOFTCAP,
+                           False, ACC, BLOCK_V)
     logs = tl.log(tl.sum(s, 1))
     in_range = (label >= 0) & (label < V)
     xy = tl.load(x_rows + label * stride_xv, mask=live & in_range, other=float("nan")).to(ACC)
@@ -258,7 +307,9 @@ def _seq_reduce_kernel(
     BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    stride_ext = stride_ext.to(tl.int64)  # 3 * B * R may pass 2**31
+    # 3 * B * R may pass 2**31: widen through b, not stride_ext.to(), because Triton's launcher
+    # turns an int argument equal to 1 (one output element) into a constexpr, which has no .to
+    stride_ext = b * 0 + stride_ext
     if HAS_SEGMENTS:
         # Packed: program b reduces sequence b of the one (1, R) row, the rows whose targets
         # r + shift lie in [cu[b], cu[b + 1]).
@@ -388,33 +439,58 @@ def _row_grad_kernel(
         logs = tl.load(logs_ptr + flat).to(ACC)
         if ENT_GRAD:
             ent = logs - tl.load(pz_ptr + flat).to(ACC)
-        for v0 in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            inside = cols < V
-            x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
-            if HAS_SOFTCAP:
-                e = tl.exp((2.0 / softcap) * x)
-                th = 1.0 - 2.0 / (e + 1.0)
-                z = softcap * th * inv_temp
-                dzdx = (1.0 - th * th) * inv_temp
-            else:
-                z = x * inv_temp
-                dzdx = inv_temp
-            lp = (z - m) - logs
-            p = tl.exp(lp)
-            if ENT_GRAD:
-                # dH/dz = -p (log p + H); p = 0 (z = -inf) contributes nothing
-                dz = tl.where(cols == col_y, coef, 0.0) - \
-                    p * (coef + tl.where(p > 0.0, coef_h * (lp + ent), 0.0))
-            else:
-                dz = tl.where(cols == col_y, coef - coef * p, -coef * p)
-            tl.store(g_row + cols * stride_gv, (dz * dzdx).to(grad_ptr.dtype.element_ty), mask=inside)
+        else:
+            ent = m  # unused
+        # the masked tail, then the full blocks unmasked, as in _row_stats_kernel
+        v_full = V // BLOCK_V * BLOCK_V
+        if v_full < V:
+            _grad_block(x_row, g_row, v_full, V, stride_xv, stride_gv, col_y, m, logs, ent, coef,
+                        coef_h, inv_temp, softcap, HAS_SOFTCAP, ENT_GRAD, True, ACC, BLOCK_V)
+        for v0 in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+            _grad_block(x_row, g_row, v0, V, stride_xv, stride_gv, col_y, m, logs, ent, coef, coef_h,
+                        inv_temp, softcap, HAS_SOFTCAP, ENT_GRAD, False, ACC, BLOCK_V)
     else:
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            zeros = tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty)
+        zeros = tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty)
+        v_full = V // BLOCK_V * BLOCK_V
+        for v0 in range(0, v_full, BLOCK_V):
+            tl.store(g_row + (v0 + tl.arange(0, BLOCK_V)) * stride_gv, zeros)
+        if v_full < V:
+            cols = v_full + tl.arange(0, BLOCK_V)
             tl.store(g_row + cols * stride_gv, zeros, mask=cols < V)
 
+
+@triton.jit
+def _grad_block(x_row, g_row, v0, V, stride_xv, stride_gv, col_y, m, logs, ent, coef, coef_h,
+                inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr,
+                MASKED: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One block of _row_grad_kernel: columns [v0, v0 + BLOCK_V), masked to V only for the tail."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    if MASKED:
+        inside = cols < V
+        x = tl.load(x_row + cols * stride_xv, mask=inside, other=0.0).to(ACC)
+    else:
+        x = tl.load(x_row + cols * stride_xv).to(ACC)
+    if HAS_SOFTCAP:
+        e = tl.exp((2.0 / softcap) * x)
+        th = 1.0 - 2.0 / (e + 1.0)
+        z = softcap * th * inv_temp
+        dzdx = (1.0 - th * th) * inv_temp
+    else:
+        z = x * inv_temp
+        dzdx = inv_temp
+    lp = (z - m) - logs
+    p = tl.exp(lp)
+    if ENT_GRAD:
+        # dH/dz = -p (log p + H); p = 0 (z = -inf) contributes nothing
+        dz = tl.where(cols == col_y, coef, 0.0) - \
+            p * (coef + tl.where(p > 0.0, coef_h * (lp + ent), 0.0))
+    else:
+        dz = tl.where(cols == col_y, coef - coef * p, -coef * p)
+    g = (dz * dzdx).to(g_row.dtype.element_ty)
+    if MASKED:
+        tl.store(g_row + cols * stride_gv, g, mask=inside)
+    else:
+        tl.store(g_row + cols * stride_gv, g)
 
 _FP64 = {torch.float64: tl.float64}
 # Read once: the environment overrides exist for the GPU sweep (bench/gpu_check.sh), which starts
@@ -425,8 +501,19 @@ _BLOCK_V = int(os.environ.get("FUSED_DPO_BLOCK_V", "4096"))
 _NUM_STAGES = int(os.environ.get("FUSED_DPO_STAGES", "1"))
 # Rows per program in the logits forward for V <= 32768 (1 = one row, as measured); swept likewise.
 _ROWS = int(os.environ.get("FUSED_DPO_ROWS", "1"))
-if _ROWS < 1 or _ROWS & (_ROWS - 1):
-    raise ValueError(f"FUSED_DPO_ROWS must be a power of two (1, 2, 4, ...), got {_ROWS}")
+
+
+def _check_power_of_two(name: str, value: int, least: int) -> None:
+    # tl.arange needs a power-of-two extent: a bad sweep setting fails here, named, and not as a
+    # compile error at the first launch
+    if value < least or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
+
+
+_check_power_of_two("FUSED_DPO_BLOCK_V", _BLOCK_V, 16)
+_check_power_of_two("FUSED_DPO_ROWS", _ROWS, 1)
+if _NUM_STAGES < 1:
+    raise ValueError(f"FUSED_DPO_STAGES must be >= 1, got {_NUM_STAGES}")
 _ROWS_MAX_V = 32768
 ROWS_WARPS = 16
 _BLOCK_R = 1024
@@ -454,6 +541,22 @@ def stats_warps(block: int, num_warps: int) -> int:
     thread; at 8 warps the statistics' temporaries pass ptxas's 64-register target for sm_90
     and spill under a softcap), otherwise as without."""
     return 16 if block >= 4096 else num_warps
+
+
+def _device_guard(t: torch.Tensor):
+    """The tensors' device for the launch. Triton launches on the current CUDA device and its
+    stream: tensors on cuda:1 while device 0 is current (a reference model on a second GPU in one
+    process) would fault, or be read across devices without stream order."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides with 0 for a size-1 dimension (its stride is never used): a (1, 1, V) row of one
+    token carries the stride torch gave a size-1 dimension (V, often odd), and Triton's launcher
+    would hint that the row may be misaligned; 0 is hinted divisible by 16, as the row is."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
 
 
 def _acc(dtype: torch.dtype):
@@ -496,29 +599,31 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     if (_ROWS > 1 and V <= _ROWS_MAX_V and row_index is None and not accumulate and not has_stats
             and vocab_start == 0):
         rows_per = _ROWS
-        _row_stats_rows_kernel[(triton.cdiv(n, rows_per),)](
-            x, labels, mask_arg, zy, m, logs, w,
-            n, R, V, shift, ignore_index if ignore_index is not None else 0, inv_temp,
-            softcap if softcap is not None else 1.0,
-            x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
-            HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
-            HAS_SOFTCAP=softcap is not None, ACC=_acc(x.dtype), ROWS=rows_per,
-            # 16 warps: the same 4096-element tile at 8 per thread (ptxas: 51-57 registers, no
-            # spills; at 8 warps the per-row vectors push it over the 64-register cap).
-            BLOCK_V=max(16, block // rows_per), NUM_STAGES=_NUM_STAGES, num_warps=ROWS_WARPS,
-        )
+        with _device_guard(x):
+            _row_stats_rows_kernel[(triton.cdiv(n, rows_per),)](
+                x, labels, mask_arg, zy, m, logs, w,
+                n, R, V, shift, ignore_index if ignore_index is not None else 0, inv_temp,
+                softcap if softcap is not None else 1.0,
+                *_row_strides(x), *labels.stride(), *mask_arg.stride(),
+                HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
+                HAS_SOFTCAP=softcap is not None, ACC=_acc(x.dtype), ROWS=rows_per,
+                # 16 warps: the same 4096-element tile at 8 per thread (ptxas: 51-57 registers, no
+                # spills; at 8 warps the per-row vectors push it over the 64-register cap).
+                BLOCK_V=max(16, block // rows_per), NUM_STAGES=_NUM_STAGES, num_warps=ROWS_WARPS,
+            )
         return
     idx_arg = row_index if row_index is not None else labels  # likewise
-    _row_stats_kernel[(n,)](
-        x, labels, mask_arg, idx_arg, zy, m, logs, w, *ext,
-        R, V, shift, vocab_start, ignore_index if ignore_index is not None else 0, inv_temp,
-        softcap if softcap is not None else 1.0,
-        x.stride(0), x.stride(1), x.stride(2), *labels.stride(), *mask_arg.stride(),
-        HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None,
-        ACCUMULATE=accumulate, STATS=has_stats, ACC=_acc(x.dtype), BLOCK_V=block,
-        NUM_STAGES=_NUM_STAGES, num_warps=stats_warps(block, warps) if has_stats else warps,
-    )
+    with _device_guard(x):
+        _row_stats_kernel[(n,)](
+            x, labels, mask_arg, idx_arg, zy, m, logs, w, *ext,
+            R, V, shift, vocab_start, ignore_index if ignore_index is not None else 0, inv_temp,
+            softcap if softcap is not None else 1.0,
+            *_row_strides(x), *labels.stride(), *mask_arg.stride(),
+            HAS_MASK=mask is not None, HAS_IGNORE=ignore_index is not None,
+            HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None,
+            ACCUMULATE=accumulate, STATS=has_stats, ACC=_acc(x.dtype), BLOCK_V=block,
+            NUM_STAGES=_NUM_STAGES, num_warps=stats_warps(block, warps) if has_stats else warps,
+        )
 
 
 def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
@@ -544,14 +649,15 @@ def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
         return out, counts, bad, ext
     block = min(_BLOCK_R, triton.next_power_of_2(max(R, 1)))
     extra = stats[4:] if has_stats else (zy,) * 4  # placeholder pointers, never read
-    _seq_reduce_kernel[(n_seq,)](
-        zy, m, logs, w, labels, out, counts, bad, *extra, ext if has_stats else out,
-        # read as a dense array of offsets: a strided view would be read at the wrong places
-        cu_seqlens.contiguous() if cu_seqlens is not None else bad,  # else a placeholder, never read
-        R, V, shift, *labels.stride(), out.numel(),
-        REDUCTION=code, STATS=has_stats, HAS_SEGMENTS=cu_seqlens is not None, ACC=_acc(zy.dtype),
-        BLOCK_R=block, num_warps=REDUCE_WARPS[has_stats],
-    )
+    with _device_guard(zy):
+        _seq_reduce_kernel[(n_seq,)](
+            zy, m, logs, w, labels, out, counts, bad, *extra, ext if has_stats else out,
+            # read as a dense array of offsets: a strided view would be read at the wrong places
+            cu_seqlens.contiguous() if cu_seqlens is not None else bad,  # else a placeholder, never read
+            R, V, shift, *labels.stride(), out.numel(),
+            REDUCTION=code, STATS=has_stats, HAS_SEGMENTS=cu_seqlens is not None, ACC=_acc(zy.dtype),
+            BLOCK_R=block, num_warps=REDUCE_WARPS[has_stats],
+        )
     return out, counts, bad, ext
 
 
@@ -579,11 +685,12 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
     ent = grad_entropy is not None
     ge = grad_entropy if ent else grad_out  # placeholder pointer, never read
     se = ge.stride() if code == NONE else (ge.stride(0), 0)
-    _row_grad_kernel[(n,)](
-        x, grad, labels, row_index if row_index is not None else labels, m, logs, w, grad_out,
-        counts, stats[4] if ent else m, ge,
-        R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
-        *x.stride(), *grad.stride(), *labels.stride(), *so, *se,
-        HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None, REDUCTION=code,
-        ENT_GRAD=ent, ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES, num_warps=warps,
-    )
+    with _device_guard(x):
+        _row_grad_kernel[(n,)](
+            x, grad, labels, row_index if row_index is not None else labels, m, logs, w, grad_out,
+            counts, stats[4] if ent else m, ge,
+            R, Tx, V, shift, vocab_start, inv_temp, softcap if softcap is not None else 1.0,
+            *_row_strides(x), *_row_strides(grad), *labels.stride(), *so, *se,
+            HAS_SOFTCAP=softcap is not None, HAS_ROW_INDEX=row_index is not None, REDUCTION=code,
+            ENT_GRAD=ent, ACC=_acc(x.dtype), BLOCK_V=block, NUM_STAGES=_NUM_STAGES, num_warps=warps,
+        )

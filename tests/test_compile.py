@@ -1,182 +1,157 @@
-"""Compile every kernel configuration the launchers can pick for Hopper (sm_90) and Ampere
-(sm_80) without a GPU. The interpreter forgives what the compiler rejects (non-constexpr globals,
-type mismatches across branches, unsupported ops); this does not. Also checks ptxas's report: no
-register spills, and 16-byte vector loads on the aligned path."""
+"""Compile, for Hopper (sm_90) and Ampere (sm_80) and without a GPU, exactly the kernel variants
+the launchers launch: tests/launch_specs.py drives the public API over a grid of calls (B = 1 and
+3, every reduction, statistics and the entropy gradient, four dtypes, packed rows of 1 and 2
+sequences, vocab-padded and time-sliced views with odd V, the hidden path with odd V and chunk
+sizes, the RL functions on one row, in-place backward, the last vocab-parallel shard, and the
+GPU sweep's FUSED_DPO_STAGES / FUSED_DPO_ROWS settings) and records each launch through Triton's
+own binder, as a GPU launch specialises it (ints equal to 1 become constexprs, multiples of 16 and
+aligned pointers get hints). A hand-written signature sees neither: at 167238a it hid a compile
+error on every launch with one output element.
 
-import itertools
+Each recorded specialisation must compile with Triton's ptxas, with no register spills, and the
+row kernels must read (and the gradient kernel write) aligned rows with vector accesses; the
+interpreter forgives all of this. sm_80 compiles one specialisation of each class (kernel,
+declared constexprs, pointer dtypes, warps): the integer hints were compiled for sm_90."""
+
 import json
 import os
-import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-from fused_dpo.kernels import logps as K  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+try:  # the binder API the recording needs (Triton >= 3.3)
+    from triton.runtime.jit import create_function_from_signature  # noqa: F401
+    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+except ImportError as e:  # pragma: no cover - old Triton
+    pytest.skip(f"recording launch specialisations needs Triton >= 3.3 ({e})", allow_module_level=True)
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-ELEM = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
-# Integer arguments Triton's launcher specialises as divisible by 16 for realistic vocabularies.
-ALIGNED_INTS = {"V", "stride_xb", "stride_xr", "stride_gb", "stride_gr"}
+import launch_specs as L  # noqa: E402
 
-
-POINTERS = {"labels_ptr": "*i64", "mask_ptr": "*u8", "idx_ptr": "*i64", "bad_ptr": "*i32",
-            "cu_ptr": "*i32"}
-
-
-def _compile(fn, elem, constexprs, cc, warps):
-    acc = "*fp64" if elem == "fp64" else "*fp32"
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ELEM[elem] if name in ("x_ptr", "grad_ptr") else POINTERS.get(name, acc)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("inv_temp", "softcap"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name in ALIGNED_INTS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = dict(constexprs)
-    for unit in ("stride_xv", "stride_gv"):  # specialised by the launcher for unit stride
-        if unit in fn.arg_names:
-            constexprs.setdefault(unit, 1)
-    sig.update({k: "constexpr" for k in constexprs})
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs),
-                          target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": warps})
+HERE = Path(__file__).parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAUNCHES = L.record(DEVICE)
+SPECS = L.unique(LAUNCHES)
 
 
-def _ptxas_report(ptx, cc, tmp_path):
-    src = tmp_path / "k.ptx"
-    src.write_text(ptx)
-    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
-    out = subprocess.run([PTXAS, "-v", "--gpu-name", arch, str(src), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", out))
-    return regs, spills
+def _ids(specs):
+    seen, out = {}, []
+    for s in specs:
+        base = L.spec_id(s)
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
 
 
-BLOCKS = sorted({K.launch_config(V) for V in (123, 32000, 128256, 151936, 256000)})
-WEIGHTS = [dict(HAS_MASK=True, HAS_IGNORE=False), dict(HAS_MASK=False, HAS_IGNORE=True),
-           dict(HAS_MASK=False, HAS_IGNORE=False)]
-# (HAS_ROW_INDEX, ACCUMULATE): the logits path; the hidden path's first and later vocab chunks,
-# compacted; its later chunks under CUDA graph capture (no compaction).
-HIDDEN = [(False, False), (True, False), (True, True), (False, True)]
-# STATS: entropy, sum p^2, mean logit and top-1 accumulated beside the log-sum-exp (one weight
-# convention suffices: the weights are scalar code before the loop).
-ROW_STATS = [dict(w, HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, ACCUMULATE=a, STATS=st)
-             for w, c, (ri, a), st in itertools.product(WEIGHTS, [False, True], HIDDEN, [False, True])
-             if not st or w is WEIGHTS[0]]
-GRAD = [dict(HAS_SOFTCAP=c, HAS_ROW_INDEX=ri, REDUCTION=red, ENT_GRAD=eg)
-        for c, ri, red, eg in itertools.product([False, True], [False, True],
-                                                [K.SUM, K.MEAN, K.NONE], [False, True])]
-# HAS_SEGMENTS: packed sequences (cu_seqlens), one program per segment of a single row.
-REDUCE = [dict(REDUCTION=red, STATS=st, HAS_SEGMENTS=seg) for red in (K.SUM, K.MEAN, K.NONE)
-          for st in (False, True) for seg in (False, True)]
-
-
-def _cases():
-    cases = []
-    for fn, flag_list in ((K._row_stats_kernel, ROW_STATS), (K._row_grad_kernel, GRAD)):
-        for flags, elem, block, cc in itertools.product(flag_list, ("bf16", "fp16", "fp32", "fp64"),
-                                                        BLOCKS, (90, 80)):
-            # sm_80 and the small block: the plain variants only (the flags change scalar code,
-            # not the row loop, which the sm_90 / 4096 cases cover for every flag).
-            plain = not flags.get("HAS_ROW_INDEX") and flags.get("REDUCTION", K.SUM) == K.SUM
-            plain = plain and not flags.get("STATS") and not flags.get("ENT_GRAD")
-            if (cc == 80 or block[0] < 1024) and not plain:
-                continue
-            if flags.get("STATS"):
-                block = (block[0], K.stats_warps(*block))
-            cases.append((fn, flags, elem, block, cc))
-    for flags, elem, cc in itertools.product(REDUCE, ("fp32", "fp64"), (90, 80)):
-        cases.append((K._seq_reduce_kernel, flags, elem, (K._BLOCK_R, K.REDUCE_WARPS[flags["STATS"]]),
-                      cc))
-    # Several rows per program (FUSED_DPO_ROWS, the logits forward for V <= 32768).
-    for flags, rows, elem, cc in itertools.product(
-            [dict(w, HAS_SOFTCAP=c) for w, c in itertools.product(WEIGHTS, [False, True])],
-            (2, 4), ("bf16", "fp32"), (90, 80)):
-        block, _ = max(BLOCKS)
-        cases.append((K._row_stats_rows_kernel, dict(flags, ROWS=rows), elem,
-                      (block // rows, K.ROWS_WARPS), cc))
-    # Software-pipelined row loops (FUSED_DPO_STAGES, swept on the GPU): the plain configurations.
-    for fn, flags in ((K._row_stats_kernel, ROW_STATS[0]), (K._row_grad_kernel, GRAD[0])):
-        for stages, elem, cc in itertools.product((2, 3), ("bf16", "fp32"), (90, 80)):
-            cases.append((fn, dict(flags, NUM_STAGES=stages), elem, max(BLOCKS), cc))
-    return cases
-
-
-CASES = _cases()
-
-
-def _id(case):
-    fn, flags, elem, (block, warps), cc = case
-    on = "-".join(k.removeprefix("HAS_").lower() for k, v in flags.items() if v is True)
-    if flags.get("NUM_STAGES", 1) > 1:
-        on = "-".join(filter(None, [on, f"stages{flags['NUM_STAGES']}"]))
-    if "ROWS" in flags:
-        on = "-".join(filter(None, [on, f"rows{flags['ROWS']}"]))
-    if "REDUCTION" in flags:
-        on = "-".join(filter(None, [on, ("sum", "mean", "none")[flags["REDUCTION"]]]))
-    on = on or "plain"
-    return f"{fn.__name__.strip('_')}-{on}-{elem}-B{block}w{warps}-sm{cc}"
-
-
-def compile_all(tmp):
-    """Compile every case; {id: {"regs", "spills", "vector", "cubin"} or {"error"}}."""
-    from pathlib import Path
-
-    report = {}
-    for case in CASES:
-        fn, flags, elem, (block, warps), cc = case
-        acc = tl.float64 if elem == "fp64" else tl.float32
-        size = {"BLOCK_R": block} if fn is K._seq_reduce_kernel else {"BLOCK_V": block,
-                                                                     "NUM_STAGES": 1}
-        try:
-            k = _compile(fn, elem, dict(dict(size, ACC=acc), **flags), cc, warps)
-            regs, spills = _ptxas_report(k.asm["ptx"], cc, Path(tmp))
-            ptx = k.asm["ptx"]
-            report[_id(case)] = dict(regs=regs, spills=spills, cubin=bool(k.asm.get("cubin")),
-                                     vector="ld.global.v4" in ptx or "ld.global.v2" in ptx,
-                                     cp_async="cp.async" in ptx)
-        except Exception as e:  # reported per case by the test below
-            report[_id(case)] = dict(error=f"{type(e).__name__}: {e}")
-    return report
+IDS = _ids(SPECS)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     # The real compiler needs real @triton.jit functions: the test session runs the interpreter,
-    # so compile in a child process with TRITON_INTERPRET unset.
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    tmp = tmp_path_factory.mktemp("ptx")
-    out = subprocess.run(
-        [sys.executable, "-c", f"import json,sys; sys.path.insert(0, {os.path.dirname(__file__)!r});"
-         f"import test_compile as t; print(json.dumps(t.compile_all({str(tmp)!r})))"],
-        capture_output=True, text=True, env=env, timeout=1200,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # so compile in a child process with TRITON_INTERPRET unset, and a fresh cache (a cached
+    # kernel would skip ptxas, and with it the register report).
+    tmp = tmp_path_factory.mktemp("compile")
+    specs, out = tmp / "specs.json", tmp / "report.json"
+    specs.write_text(json.dumps(list(zip(IDS, SPECS, strict=True))))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp / "cache"))
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import launch_specs; "
+            f"launch_specs.compile_main({str(specs)!r}, {str(out)!r})")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_kernel_compiles_without_spills(case, report):
-    fn, flags, elem, (block, warps), cc = case
-    r = report[_id(case)]
-    assert "error" not in r, r.get("error")
-    assert r["cubin"], "no cubin produced"
-    assert r["spills"] == 0, f"{r['spills']} bytes of register spills ({r['regs']} registers)"
-    assert r["regs"] <= 255
-    if flags.get("NUM_STAGES", 1) > 1:
+def _aligned_rows(spec, ptr, strides, unit):
+    """The launch reads whole rows that start 16-byte aligned, with unit vocab stride."""
+    sig, attrs, c = spec["signature"], spec["attrs"], spec["constexprs"]
+    if attrs.get(ptr) != "D" or c.get(unit) != 1:
+        return False
+    return all(attrs.get(s) == "D" or c.get(s) in (0, 1) for s in strides if s in sig)
+
+
+def _vector_width_possible(spec):
+    # 16-byte accesses need at least 16 bytes of a block per thread
+    c = spec["constexprs"]
+    elem = {"*bf16": 2, "*fp16": 2, "*fp32": 4, "*fp64": 8}[spec["signature"]["x_ptr"]]
+    per_thread = c["BLOCK_V"] * c.get("ROWS", 1) // (32 * spec["num_warps"])
+    return per_thread * elem >= 16
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_recorded_launch_compiles_without_spills(spec, report):
+    key = IDS[SPECS.index(spec)]
+    for cc, r in report[key].items():
+        where = f"sm_{cc} ({', '.join(spec['calls'][:3])})"
+        assert "error" not in r, f"{where}: {r.get('error')}"
+        assert r["cubin"], f"{where}: no cubin produced"
+        assert r["spills"] == 0, f"{where}: {r['spills']} bytes of register spills ({r['regs']} regs)"
+        assert r["regs"] <= 255, where
+    r = report[key]["90"]
+    if spec["kernel"] not in L.ROW_KERNELS or not _vector_width_possible(spec) or \
+            not _aligned_rows(spec, "x_ptr", ("stride_xb", "stride_xr"), "stride_xv"):
+        return
+    if spec["constexprs"].get("NUM_STAGES", 1) > 1:
         # pipelined: the row loads become asynchronous copies into shared memory
         assert r["cp_async"], "NUM_STAGES > 1 but the row loop is not pipelined"
-    elif elem != "fp64" and block >= 1024 and fn is not K._seq_reduce_kernel:
-        assert r["vector"], "row loads are not vectorised"
+    else:
+        assert r["vector_load"], "aligned rows, but the row loads are not vectorised (sm_90 PTX)"
+        if spec["kernel"] == "_row_grad_kernel" and \
+                _aligned_rows(spec, "grad_ptr", ("stride_gb", "stride_gr"), "stride_gv"):
+            assert r["vector_store"], "aligned rows, but the gradient stores are not vectorised"
+
+
+def test_grid_reaches_the_variants_that_matter():
+    """The grid keeps covering what the compile test exists for (a pruned grid fails here)."""
+    by = {k: [s for s in SPECS if s["kernel"] == k] for k in L.KERNELS}
+    assert all(by.values()), {k: len(v) for k, v in by.items()}
+    reduce = by["_seq_reduce_kernel"]
+    assert any(s["constexprs"].get("stride_ext") == 1 for s in reduce), "one output element"
+    for flag, values in (("REDUCTION", {0, 1, 2}), ("STATS", {False, True}),
+                         ("HAS_SEGMENTS", {False, True})):
+        assert {s["constexprs"][flag] for s in reduce} == values, flag
+    grad = by["_row_grad_kernel"]
+    for flag, values in (("REDUCTION", {0, 1, 2}), ("ENT_GRAD", {False, True}),
+                         ("HAS_SOFTCAP", {False, True}), ("HAS_ROW_INDEX", {False, True}),
+                         ("NUM_STAGES", {1, 2, 3})):
+        assert {s["constexprs"][flag] for s in grad} == values, flag
+    stats = by["_row_stats_kernel"]
+    for flag in ("HAS_MASK", "HAS_IGNORE", "HAS_SOFTCAP", "HAS_ROW_INDEX", "ACCUMULATE", "STATS"):
+        assert {s["constexprs"][flag] for s in stats} == {False, True}, flag
+    assert {s["constexprs"]["ROWS"] for s in by["_row_stats_rows_kernel"]} == {2, 4}
+    assert {s["signature"]["x_ptr"] for s in stats} == {"*bf16", "*fp16", "*fp32", "*fp64"}
+    # the aligned odd-V view: rows hinted, V not
+    assert any(s["attrs"].get("stride_xr") == "D" and "V" not in s["attrs"] and
+               s["constexprs"].get("BLOCK_V") == 4096 for s in stats)
+
+
+def test_every_launch_is_guarded_to_its_tensors_device():
+    """Triton launches on the current CUDA device: each launcher enters its tensors' device first
+    (a reference model on cuda:1 with device 0 current would fault, or race its stream)."""
+    unguarded = sorted({(ln["kernel"], ln["call"]) for ln in LAUNCHES if not ln["guarded"]})
+    assert not unguarded, f"{len(unguarded)} launches outside the device guard, e.g. {unguarded[:3]}"
+
+
+def test_hidden_path_chunks_have_aligned_rows():
+    """The hidden path's logits chunks start every row 16-element aligned, whatever the chunk
+    width (a chunk_size of 3000, V = 32001's last chunk), so the row kernels vectorise them."""
+    odd = [ln for ln in LAUNCHES if ln["call"].startswith(("hidden-", "rl-hidden-", "grad_in_forward"))
+           and ln["kernel"] in ("_row_stats_kernel", "_row_grad_kernel")
+           and ln["attrs"].get("stride_xr") != "D"]
+    assert not odd, [(ln["kernel"], ln["call"]) for ln in odd[:5]]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FUSED_DPO_BLOCK_V": "3000"}, "FUSED_DPO_BLOCK_V must be a power of two >= 16, got 3000"),
+    ({"FUSED_DPO_BLOCK_V": "8"}, "FUSED_DPO_BLOCK_V must be a power of two >= 16, got 8"),
+    ({"FUSED_DPO_ROWS": "3"}, "FUSED_DPO_ROWS must be a power of two >= 1, got 3"),
+    ({"FUSED_DPO_STAGES": "0"}, "FUSED_DPO_STAGES must be >= 1, got 0"),
+], ids=["block3000", "block8", "rows3", "stages0"])
+def test_sweep_variables_are_checked(env, message):
+    res = subprocess.run([sys.executable, "-c", "import fused_dpo.kernels.logps"],
+                         capture_output=True, text=True, env=dict(os.environ, **env))
+    assert res.returncode != 0 and f"ValueError: {message}" in res.stderr, res.stderr[-500:]
