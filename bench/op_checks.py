@@ -3,8 +3,9 @@
     python -m bench.op_checks [--only graph,fp32,compile] [--device cpu] [--tiny]
 
 matmuls  the fused DPO loss from hidden states at 8x1024x4096x128256 with 4 matmuls (autograd)
-         and 3 (grad_in_forward), bf16 and fp32 (autocast) weights: time, extra memory, error of
-         the loss and gradients against float64 (issue 8).
+         and 3 (grad_in_forward; one pair a group, and the rule's groups of pairs: issue 19), bf16
+         and fp32 (autocast) weights: time, extra memory, error of the loss and gradients against
+         float64 (issue 8).
 compile  `torch.compile(fullgraph=True)` of a function calling `get_logps` (validate=True and
          False) and of one calling `get_logps_from_hidden`; forward+backward compared with the same
          call in eager, and both timed (fwd+bwd median).
@@ -263,12 +264,24 @@ def _dpo_truth(h, w, ids, mask, ref, loss_kw):
     return loss.detach(), torch.cat(dh), w64.grad
 
 
+def _rule_groups(mask: torch.Tensor, V: int) -> list[int]:
+    """Pairs per group that dpo_loss_from_hidden(grad_in_forward=True) picks by its rule for this
+    batch (bf16 logits), from the grouped pass's own planner."""
+    from fused_dpo.hidden import _plan_groups
+
+    rows = (mask[:, 1:] != 0).sum(1)
+    n = rows.shape[0] // 2
+    return [u1 - u0 for u0, u1 in _plan_groups((rows[:n] + rows[n:]).tolist(), V, 2)]
+
+
 def check_matmuls(small: bool) -> None:
     """Issue 8: the fused DPO loss from hidden states with 4 matmuls (autograd) and with 3
-    (grad_in_forward: each pair's gradient formed in its forward), bf16 and fp32 weights."""
+    (grad_in_forward: each pair's gradient formed in its forward), bf16 and fp32 weights. The
+    3-matmul loss twice (issue 19): one pair a group (the fp32 dW accumulator read and written per
+    pair) and the rule's groups (once per group)."""
     from fused_dpo import dpo_loss_from_hidden
 
-    shape = (2, 16, 8, 64) if small else (8, 1024, 4096, 128256)
+    shape = (4, 16, 8, 64) if small else (8, 1024, 4096, 128256)
     B, T, H, V = shape
     loss_kw = dict(beta=0.1, loss_type="sigmoid")
     dev = bm.DEVICE
@@ -278,25 +291,33 @@ def check_matmuls(small: bool) -> None:
         ref = (torch.randn(B, device=dev, generator=torch.Generator(device=dev).manual_seed(1)) * 5
                - 300).double()
         truth, dh64, dw64 = _dpo_truth(h, w, ids, mask, ref, loss_kw)
-        for name, gif in (("4 matmuls", False), ("3 matmuls", True)):
+        sizes = _rule_groups(mask, V)
+        variants = [("4 matmuls", False, None), ("3 matmuls, 1 pair a group", True, 1)]
+        if max(sizes, default=1) > 1:
+            variants.append((f"3 matmuls, rule: {'+'.join(map(str, sizes))} pairs", True, None))
+        else:
+            print(f"  (the rule's groups are single pairs at this shape: {sizes})")
+        times = {}
+        for name, gif, ppg in variants:
             try:
                 hh = h.detach().clone().requires_grad_(True)
                 ww = w.detach().clone().requires_grad_(True)
+                opts = dict(grad_in_forward=gif) | ({"pairs_per_group": ppg} if gif else {})
 
-                def step(gif=gif, hh=hh, ww=ww, ids=ids, mask=mask, ref=ref,
+                def step(opts=opts, hh=hh, ww=ww, ids=ids, mask=mask, ref=ref,
                          amp=wdt == torch.float32):
                     hh.grad = ww.grad = None
                     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
                         loss, _ = dpo_loss_from_hidden(hh, ww, ids, mask, ref_logps=ref.float(),
-                                                       grad_in_forward=gif, validate=False,
-                                                       **loss_kw)
+                                                       validate=False, **opts, **loss_kw)
                     loss.backward()
                     return loss.detach()
 
                 loss = step()
                 errs = rel(loss, truth), rel(hh.grad, dh64), rel(ww.grad, dw64)
                 ms, extra = _time_and_extra(step)
-                print(f"  {str(wdt)[6:]:<8} weight, {name}: fwd+bwd {ms[0]:8.2f} ms "
+                times[name] = ms[0]
+                print(f"  {str(wdt)[6:]:<8} weight, {name:<29}: fwd+bwd {ms[0]:8.2f} ms "
                       f"[{ms[1]:.2f}-{ms[2]:.2f}]  extra {extra:6.2f} GiB  rel err vs float64: loss "
                       f"{errs[0]:.2e}, d hidden {errs[1]:.2e}, d weight {errs[2]:.2e}", flush=True)
                 if errs[0] > 1e-3 or errs[1] > 5e-2 or errs[2] > 5e-2:
@@ -306,6 +327,10 @@ def check_matmuls(small: bool) -> None:
                 print(f"  {str(wdt)[6:]} {name}: FAILED {type(e).__name__}: {e}")
             if dev == "cuda":
                 torch.cuda.empty_cache()
+        one, rule = (times.get(v[0]) for v in variants[1:3]) if len(variants) == 3 else (None, None)
+        if one and rule:
+            print(f"  {str(wdt)[6:]:<8} weight, 3 matmuls: the rule's groups take {rule / one:.3f}x "
+                  f"the time of one pair a group ({rule - one:+.2f} ms)")
     print("  (goal, issue 8: <= 36 ms at 8x1024x4096x128256 with a bf16 weight, extra <= 0.6 GiB "
           "beyond the gradients; measured at 803ab3c: 38.98 ms for the log-probs alone)")
 

@@ -81,9 +81,18 @@ def _rows_of(hidden, idx, R):
 
 def _chunk_logits(h, weight, bias, v0, v1, cd):
     w = weight[v0:v1].to(cd)  # one chunk cast at a time: never a whole low-precision copy
+    n = v1 - v0
+    if n % 16 == 0:
+        return (h @ w.T if bias is None else torch.addmm(bias[v0:v1].to(cd), h, w.T)), w
+    # An odd width (a user chunk_size of 3000, the last chunk of V = 32001): the GEMM writes into
+    # rows padded to a multiple of 16 elements (cuBLAS takes the row stride as its ldc), so the
+    # row kernels see 16-aligned rows and keep vector loads (ptxas, sm_90: scalar-only otherwise).
+    out = torch.empty((h.shape[0], -(-n // 16) * 16), dtype=cd, device=h.device)[:, :n]
     if bias is None:
-        return h @ w.T, w
-    return torch.addmm(bias[v0:v1].to(cd), h, w.T), w
+        torch.mm(h, w.T, out=out)
+    else:
+        torch.addmm(bias[v0:v1].to(cd), h, w.T, out=out)
+    return out, w
 
 
 def _has_mm_f32(a: torch.Tensor) -> bool:
@@ -495,22 +504,80 @@ def get_logps_from_hidden(
 
 # ---- forward and gradient in one pass: 3 matmuls instead of 4 ----------------------------------
 
-def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, groups, coef_fn, shift=1,
-                            ignore_index=None, temperature=1.0, softcap=None, impl="auto",
-                            head_dtype=None, chunk_size=None, need_h=True, need_w=True,
-                            need_b=True):
-    """Per-sequence log-probs and the gradients of a loss whose derivative w.r.t. each group's
-    log-probs is known once that group's rows are done (a DPO pair: its chosen and rejected).
+# The group-size rule of `grouped_logps_and_grads`. Each group of units (DPO pairs) reads and
+# writes the whole fp32 dW accumulator once: 2 V H 4 bytes, 4.2 GB at 128256 x 4096, about half a
+# pair's dW matmul time again; a group of k pairs pays 1/k of that per pair, and in exchange holds
+# its k pairs' logits, rows x V in the compute dtype, at once. So, greedily and in order: as many
+# units as keep the group's logits within 1 GiB, at least one (a unit's logits must be held whole
+# whatever its size), at most 8. At 8x1024 with a quarter of prompt a pair is 2 x 767 rows, 393 MB
+# of bf16 logits at V = 128256: 2 pairs a group, half the accumulator traffic for 393 MB more. The
+# 4-matmul path's chunk is 256 MiB, but this path holds a whole pair at the least anyway. The cap:
+# at 8 pairs the accumulator costs an eighth of its read-write per pair (~0.1 ms on an H200), and
+# the rest is not worth holding more logits for.
+_GROUP_LOGITS_BYTES = 2**30
+_MAX_UNITS_PER_GROUP = 8
 
-    For each group (a list of sequence indices) the group's scored rows are multiplied with the
-    whole head once and kept: statistics, the group's summed log-probs, then
-    `coef_fn(g, logps_g, counts_g)` -> dloss/dlogps_g, the logits turned into their gradient in
+
+def _plan_groups(unit_rows, V, itemsize, units_per_group=None):
+    """[(u0, u1)]: the groups as ranges of consecutive units, `units_per_group` at a time (the last
+    group takes the rest), or by the rule above when None. unit_rows: each unit's scored rows."""
+    U = len(unit_rows)
+    if units_per_group is not None:
+        return [(u, min(U, u + units_per_group)) for u in range(0, U, units_per_group)]
+    plan, u0, held = [], 0, 0
+    for u, rows in enumerate(unit_rows):
+        nbytes = rows * V * itemsize
+        if u > u0 and (held + nbytes > _GROUP_LOGITS_BYTES or u - u0 == _MAX_UNITS_PER_GROUP):
+            plan.append((u0, u))
+            u0, held = u, 0
+        held += nbytes
+    return plan + [(u0, U)] if U else plan
+
+
+def _batch_rows(labels, mask, ignore_index, shift, R, T, order):
+    """The scored rows of the whole batch, with the sequences taken in `order` (the units one
+    after another), built once per batch: (rows per sequence, a host list; pos, the flat positions
+    j * R + r of the scored rows of sequence order[j] in increasing order, or None when every row
+    is scored; src, their rows b * T + r of hidden). Each group's rows are then a slice of pos and
+    src. One host sync, the per-sequence counts (.tolist()); none when every row is scored."""
+    n = order.shape[0]
+    if mask is not None:
+        scored = mask.index_select(0, order)[:, shift : shift + R] != 0
+    elif ignore_index is not None:
+        scored = labels.index_select(0, order)[:, shift : shift + R] != ignore_index
+    else:
+        pos = torch.arange(n * R, device=order.device)
+        return [R] * n, None, order[pos // R] * T + pos % R if R else pos
+    rows = scored.sum(1).tolist()  # the pass's one host sync: group sizes and the rule need them
+    # A stable sort puts the scored positions first, in order: nonzero() without its own sync
+    # (the count is known now; nonzero_static has no CUDA kernel before torch 2.6).
+    pos = torch.argsort(scored.logical_not().reshape(-1).to(torch.uint8), stable=True)[: sum(rows)]
+    return rows, pos, order[pos // R] * T + pos % R if R else pos
+
+
+def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, units, coef_fn,
+                            units_per_group=None, shift=1, ignore_index=None, temperature=1.0,
+                            softcap=None, impl="auto", head_dtype=None, chunk_size=None,
+                            need_h=True, need_w=True, need_b=True):
+    """Per-sequence log-probs and the gradients of a loss whose derivative w.r.t. each unit's
+    log-probs is known once that unit's rows are done (a DPO pair: its chosen and rejected).
+
+    units: (U, k) int64 tensor on hidden's device, each row the sequence indices of one unit. The
+    units are taken in order, in groups of consecutive units (`units_per_group` at a time, the last
+    group the rest; None: the rule above `_plan_groups`, by the bytes of the group's logits). For
+    each group the scored rows of its sequences are multiplied with the whole head once and kept:
+    statistics, the group's summed log-probs, then `coef_fn(sel, logps_g, counts_g)` ->
+    dloss/dlogps_g, with sel the group's sequence indices (a device tensor, its units' rows one
+    after another) and logps_g, counts_g in that order; the logits turned into their gradient in
     place, and dW += G.T @ h, dh = G @ W. Three (M, H, V) matmuls instead of four, at the cost of
     one group's (M_g, V) logits kept whole and an fp32 (V, H) accumulator for dW (4 V H bytes:
-    2.1 GB at 128256 x 4096). For an fp32 weight that accumulator is the gradient autograd
-    receives (no copy when .grad is empty); for bf16/fp16 it is extra, and rounded once at the end.
-    need_h / need_w / need_b skip the gradients nobody needs (a frozen head: no dW matmul).
-    Eager only: the host loop and `coef_fn` are Python.
+    2.1 GB at 128256 x 4096), read and written once per group. For an fp32 weight that accumulator
+    is the gradient autograd receives (no copy when .grad is empty); for bf16/fp16 it is extra, and
+    rounded once at the end. need_h / need_w / need_b skip the gradients nobody needs (a frozen
+    head: no dW matmul). Eager only: the host loop and `coef_fn` are Python.
+
+    The row indices of all groups are built once per batch, with one host sync (the per-sequence
+    counts of scored rows, in `_batch_rows`; none when every row is scored); the groups add none.
 
     Returns (logps (B,), counts (B,), bad (B,), d_hidden, d_weight, d_bias), the gradients in the
     accumulation dtype (fp32; fp64 for fp64 inputs), None where not needed.
@@ -518,13 +585,13 @@ def grouped_logps_and_grads(hidden, weight, bias, labels, mask, *, groups, coef_
     launchers = _common.backend(impl, hidden.device)
     cd = _compute_dtype(hidden, head_dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
-                             ignore_index, 1.0 / temperature, softcap, cd, chunk_size, need_h,
-                             need_w, need_b and bias is not None)
+        return _grouped_pass(launchers, hidden, weight, bias, labels, mask, units, units_per_group,
+                             coef_fn, shift, ignore_index, 1.0 / temperature, softcap, cd,
+                             chunk_size, need_h, need_w, need_b and bias is not None)
 
 
-def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn, shift,
-                  ignore_index, inv_temp, softcap, cd, chunk_size, need_h, need_w, need_b):
+def _grouped_pass(launchers, hidden, weight, bias, labels, mask, units, units_per_group, coef_fn,
+                  shift, ignore_index, inv_temp, softcap, cd, chunk_size, need_h, need_w, need_b):
     B, T, H = hidden.shape
     V = weight.shape[0]
     R = max(T - shift, 0)
@@ -540,34 +607,45 @@ def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn
     cast_cols = V if weight.dtype == cd else max(256, (256 * 2**20) // max(1, H * 2) // 256 * 256)
     if chunk_size:
         cast_cols = min(V, chunk_size)
-    for g, seqs in enumerate(groups):
-        sel = torch.as_tensor(seqs, device=dev)
+    k = units.shape[1]
+    order = units.reshape(-1)
+    rows, pos, src = _batch_rows(labels, mask, ignore_index, shift, R, T, order)
+    unit_rows = [sum(rows[u * k : (u + 1) * k]) for u in range(units.shape[0])]
+    flat_hidden = hidden.reshape(B * T, H)  # once: a copy only for a non-viewable layout
+    r0 = 0  # the group's first row in pos / src
+    for u0, u1 in _plan_groups(unit_rows, V, cd.itemsize, units_per_group):
+        s0, s1 = u0 * k, u1 * k
+        M = sum(unit_rows[u0:u1])
+        sel = order[s0:s1]
+        src_g = src[r0 : r0 + M]
+        idx = pos[r0 : r0 + M] - s0 * R if pos is not None else None  # flat rows within the group
+        r0 += M
         lab = labels.index_select(0, sel)
         msk = mask.index_select(0, sel) if mask is not None else None
-        stats = torch.zeros((4, len(seqs), R), dtype=acc, device=dev)
+        stats = torch.zeros((4, s1 - s0, R), dtype=acc, device=dev)
         parts = stats.unbind(0)
-        idx = _scored_rows(lab, msk, ignore_index, shift, R)
-        h, src = _rows_of(hidden.index_select(0, sel), idx, R)
-        h = h.to(cd)
-        M = h.shape[0]
+        h = flat_hidden.index_select(0, src_g).to(cd)
         if cast_cols >= V:  # one chunk: the matmul's own output, no copy
             logits = _chunk_logits(h, weight, bias, 0, V, cd)[0]  # matmul 1
         else:
-            logits = torch.empty((M, V), dtype=cd, device=dev)
+            # rows padded to 16 elements for an odd V, as in _chunk_logits
+            logits = torch.empty((M, -(-V // 16) * 16), dtype=cd, device=dev)[:, :V]
             for v0 in range(0, V, cast_cols):
                 v1 = min(V, v0 + cast_cols)
                 logits[:, v0:v1] = _chunk_logits(h, weight, bias, v0, v1, cd)[0]  # matmul 1
-        x = logits[None] if idx is not None else logits.view(len(seqs), R, V)
+        x = logits[None] if idx is not None else logits.view(s1 - s0, R, V)
         if M:
             launchers.row_stats(x, lab, msk, stats=parts, shift=shift, vocab_start=0,
                                 ignore_index=ignore_index, inv_temp=inv_temp, softcap=softcap,
                                 row_index=idx)
         out_g, counts_g, bad_g, _ = launchers.seq_reduce(parts, lab, V=V, shift=shift,
                                                          reduction="sum")
-        logps[sel], counts[sel], bad[sel] = out_g, counts_g, bad_g
-        coef = coef_fn(g, out_g, counts_g).to(acc).contiguous()
+        logps.index_copy_(0, sel, out_g)
+        counts.index_copy_(0, sel, counts_g)
+        bad.index_copy_(0, sel, bad_g)
         if not M:
             continue
+        coef = coef_fn(sel, out_g, counts_g).to(acc).contiguous()
         launchers.row_grad(x, x, lab, parts, coef, counts_g, shift=shift, vocab_start=0,
                            inv_temp=inv_temp, softcap=softcap, reduction="sum", row_index=idx)
         if need_w:
@@ -577,8 +655,7 @@ def _grouped_pass(launchers, hidden, weight, bias, labels, mask, groups, coef_fn
             for v0 in range(0, V, cast_cols):
                 v1 = min(V, v0 + cast_cols)
                 _addmm_f32_(dh, logits[:, v0:v1], weight[v0:v1].to(cd))  # matmul 3
-            # row src of the group's (n, T) block is row sel[src // T] * T + src % T of hidden
-            d_hidden.index_copy_(0, sel[src // T] * T + src % T, dh)
+            d_hidden.index_copy_(0, src_g, dh)
         if need_b:
             db += logits.sum(0, dtype=acc)
         del logits, x

@@ -70,7 +70,10 @@ def test_gradcheck_float64(impl, device):
     fn = lambda h_, w_, b_: get_logps_from_hidden(h_, w_, ids, mask, bias=b_, impl=impl,
                                                   chunk_size=5, softcap=3.0, reduction="mean")
     args = tuple(t.clone().requires_grad_(True) for t in (h, w, b))
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+    # Triton in fast_mode (finite differences along random directions): the full Jacobian takes
+    # over a minute in the interpreter; a wrong gradient still fails it.
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=impl == "triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -170,117 +173,6 @@ def test_fused_loss_rejects_bad_options_at_construction():
         FusedDPOLoss(beta=0)
     with pytest.raises(ValueError, match="unknown loss_type"):
         FusedDPOLoss(loss_type="nope")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "orpo", ("sigmoid", "sft")], ids=str)
-def test_grad_in_forward_equals_four_matmul_path(impl, loss_type, device):
-    """Three matmuls (gradient formed pair by pair during the forward) = the autograd path."""
-    g = torch.Generator().manual_seed(5)
-    n, T, H, V = 6, 10, 16, 70
-    h, w, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(device)
-               for s in ((n, T, H), (V, H), (V,)))
-    ids = torch.randint(0, V, (n, T), generator=g).to(device)
-    mask = torch.zeros(n, T, dtype=torch.bool, device=device)
-    mask[:, 4:] = True
-    mask[1, 7:] = False
-    ref = None if loss_type == "orpo" else (torch.randn(n, generator=g, dtype=torch.float64) - 30).to(device)
-    lt = list(loss_type) if isinstance(loss_type, tuple) else loss_type
-    results = []
-    for grad_in_forward in (False, True):
-        leaves = [t.clone().requires_grad_(True) for t in (h, w / 4, b / 10)]
-        loss, metrics = dpo_loss_from_hidden(*leaves[:2], ids, mask, bias=leaves[2], ref_logps=ref,
-                                             impl=impl, chunk_size=32, loss_type=lt, beta=0.3,
-                                             grad_in_forward=grad_in_forward)
-        (loss * 1.7).backward()
-        results.append((loss.detach(), [t.grad for t in leaves], metrics))
-    (l4, g4, m4), (l3, g3, m3) = results
-    torch.testing.assert_close(l3, l4, rtol=1e-12, atol=1e-12)
-    for a, e in zip(g3, g4, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-    for k in m4:
-        torch.testing.assert_close(m3[k], m4[k], rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grad_in_forward_fp32_master_weight(impl, device):
-    """bf16 hidden, fp32 weight: gradients accumulated in fp32 pair by pair, against float64."""
-    g = torch.Generator().manual_seed(6)
-    n, T, H, V = 4, 12, 32, 300
-    h = torch.randn(n, T, H, generator=g).bfloat16().to(device)
-    w = (torch.randn(V, H, generator=g) / H**0.5).to(device)
-    ids = torch.randint(0, V, (n, T), generator=g).to(device)
-    mask = torch.zeros(n, T, dtype=torch.bool, device=device)
-    mask[:, 3:] = True
-    ref = (torch.randn(n, generator=g, dtype=torch.float64) - 40).to(device)
-
-    def run(hid, wt, **kw):
-        hid, wt = hid.clone().requires_grad_(True), wt.clone().requires_grad_(True)
-        loss, _ = dpo_loss_from_hidden(hid, wt, ids, mask, ref_logps=ref.to(hid.dtype if hid.dtype
-                                       == torch.float64 else torch.float32), impl=impl, **kw)
-        loss.backward()
-        return loss, hid.grad, wt.grad
-
-    fused = run(h, w, grad_in_forward=True, chunk_size=128)
-    four = run(h, w, chunk_size=128)
-    # truth: the bf16 compute the head defines, exactly (operands rounded to bf16, then float64)
-    truth = run(h.double(), w.bfloat16().double())
-    assert fused[2].dtype == torch.float32 and fused[1].dtype == torch.bfloat16
-    for i in range(3):
-        scale = max(truth[i].abs().max().item(), 1e-3)
-        tol = 4 * torch.finfo(torch.bfloat16).eps * scale
-        assert_close_to_truth(fused[i], four[i], truth[i], tol, f"grad_in_forward output {i}")
-
-
-def test_grad_in_forward_refuses_coupled_losses():
-    h = torch.randn(2, 5, 4)
-    w = torch.randn(9, 4)
-    ids = torch.randint(0, 9, (2, 5))
-    mask = torch.ones(2, 5, dtype=torch.bool)
-    for coupled in ("bco_pair", "aot", "aot_unpaired"):  # aot: wrong gradients before the check
-        with pytest.raises(ValueError, match=coupled):
-            dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), loss_type=coupled,
-                                 grad_in_forward=True)
-    with pytest.raises(ValueError, match="ld_alpha"):
-        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), ld_alpha=0.5,
-                             grad_in_forward=True)
-    with pytest.raises(ValueError, match="reduction must be 'mean'"):
-        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), reduction="none",
-                             grad_in_forward=True)
-    # the head and options are checked as on the autograd path
-    with pytest.raises(ValueError, match="temperature"):
-        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), temperature=0,
-                             grad_in_forward=True)
-    with pytest.raises(ValueError, match="H = 4"):
-        dpo_loss_from_hidden(h, w[:, :3], ids, mask, ref_logps=torch.zeros(2), grad_in_forward=True)
-    with pytest.raises(ValueError, match="no eager reference"):
-        dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), impl="reference",
-                             grad_in_forward=True)
-
-
-def test_grad_in_forward_scaling_frozen_head_and_single_backward(device):
-    """A scaled loss (gradient accumulation) scales the gradients without rounding the scale to
-    the parameter dtype; a frozen head gets no gradient work; a second backward is refused."""
-    g = torch.Generator().manual_seed(7)
-    n, T, H, V = 4, 9, 16, 50
-    h = torch.randn(n, T, H, generator=g, dtype=torch.float64).to(device)
-    w = (torch.randn(V, H, generator=g, dtype=torch.float64) / 4).to(device)
-    ids = torch.randint(0, V, (n, T), generator=g).to(device)
-    mask = torch.zeros(n, T, dtype=torch.bool, device=device)
-    mask[:, 3:] = True
-    ref = (torch.randn(n, generator=g, dtype=torch.float64) - 20).to(device)
-    grads = []
-    for gif in (False, True):
-        hh = h.clone().requires_grad_(True)
-        ww = w.clone()  # frozen head
-        loss, _ = dpo_loss_from_hidden(hh, ww, ids, mask, ref_logps=ref, grad_in_forward=gif)
-        (loss / 3).backward()
-        assert ww.grad is None
-        grads.append(hh.grad)
-        if gif:
-            with pytest.raises(RuntimeError, match="one backward"):
-                loss.backward()
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
 
 
 def test_fp32_accumulation_in_row_blocks(monkeypatch, device):
