@@ -8,6 +8,7 @@ import codecs
 import importlib.util
 import json
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,9 @@ class Tokenized:
 
 
 def check_row(row, where: str) -> None:
-    """A preference row is an object with prompt, chosen and rejected, each a string or a list of
-    chat messages ({"role": ..., "content": ...}). `where` names the row in the error."""
+    """A preference row is an object with prompt, chosen and rejected: all three strings, or all
+    three lists of chat messages ({"role": ..., "content": ...}). `where` names the row in the
+    error."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with {FIELDS}, got {type(row).__name__}")
     missing = [k for k in FIELDS if k not in row]
@@ -122,37 +124,100 @@ def check_row(row, where: str) -> None:
     for k in FIELDS:
         v = row[k]
         if not (isinstance(v, str) or (isinstance(v, list) and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in v))):
-            raise ValueError(f"{where}: field {k!r} must be a string or a list of chat messages, "
-                             f"got {type(v).__name__}")
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in v))):
+            raise ValueError(f"{where}: field {k!r} must be a string or a list of chat messages "
+                             f"(each with a string role and content), got {type(v).__name__}")
+    kinds = {k: "text" if isinstance(row[k], str) else "messages" for k in FIELDS}
+    if len(set(kinds.values())) > 1:
+        # a text response after a templated prompt would have no end-of-turn of the template
+        raise ValueError(f"{where}: prompt, chosen and rejected must be all text or all chat "
+                         f"messages, got {kinds}")
 
 
-def _text(tok, value, prompt: bool) -> str:
-    if isinstance(value, str):
-        return value
-    if prompt:
-        return tok.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-    return "".join(m["content"] for m in value)
+def _name(tok) -> str:
+    path = getattr(tok, "name_or_path", "")
+    return type(tok).__name__ + (f" ({path!r})" if path else "")
+
+
+def pad_id(tok) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (as TRL does). A
+    ValueError naming the tokenizer if it has neither."""
+    for token_id in (tok.pad_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(f"the tokenizer {_name(tok)} has neither a pad token nor an EOS token: set one "
+                     f"(e.g. tokenizer.pad_token = ...) before training")
+
+
+def _chat_ids(tok, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    # Token ids as the template writes them: no special tokens added on top (those it needs, such
+    # as Llama 3's BOS, it emits itself), as TRL's `_tokenize` does.
+    return tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                   add_generation_prompt=generation_prompt)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _chat_pair(tok, row: dict) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected, dropped prompt tail) ids of a chat row, as TRL 1.16 tokenises
+    it: the prompt with the generation prompt, and prompt + response as one conversation, whose
+    response is what follows the common prefix of the two. Every token after the prompt is
+    response, including any user turn inside a multi-turn `chosen` (TRL's completion mask)."""
+    prompt = _chat_ids(tok, row["prompt"], generation_prompt=True)
+    chosen = _chat_ids(tok, row["prompt"] + row["chosen"])
+    rejected = _chat_ids(tok, row["prompt"] + row["rejected"])
+    # A template may render the prompt alone differently (e.g. an empty thought block that the
+    # whole conversation drops): the response then starts where they diverge.
+    n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    return prompt[:n], chosen[n:], rejected[n:], prompt[n:]
+
+
+def _is_empty(value) -> bool:
+    return not (value if isinstance(value, str) else "".join(m["content"] for m in value)).strip()
 
 
 def tokenize(rows: list[dict], tok, max_length: int, truncation_side: str = "left") -> Tokenized:
     """Tokenise preference rows; a row that cannot make a valid pair is counted, never dropped
-    silently. A row missing a field is an error (the data set is malformed)."""
+    silently. A row missing a field is an error (the data set is malformed).
+
+    Text rows: BOS (if the tokenizer has one) + prompt, and each response + EOS. Chat rows go
+    through the tokenizer's chat template as TRL does (`_chat_pair`), the responses ending in the
+    template's end of turn; BOS is added only where the templated prompt does not start with it."""
+    pad_id(tok)  # here, before any run directory is made, not in the first batch's collate
     out = Tokenized([])
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    eos = [tok.eos_token_id]
+    eos = tok.eos_token_id
+    warned = False
     for i, row in enumerate(rows):
         check_row(row, f"row {i}")
-        p, c, r = (_text(tok, row[k], k == "prompt") for k in FIELDS)
-        if not c.strip() or not r.strip():
+        if _is_empty(row["chosen"]) or _is_empty(row["rejected"]):
             out.skipped["empty response"] += 1
             continue
-        if c == r:
+        if isinstance(row["prompt"], str):
+            if eos is None:
+                raise ValueError(f"the tokenizer {_name(tok)} has no EOS token to end the text "
+                                 f"responses with (row {i}): set tokenizer.eos_token")
+            pi = bos + tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            ci, ri = (tok(row[k], add_special_tokens=False)["input_ids"] + [eos]
+                      for k in ("chosen", "rejected"))
+        else:
+            pi, ci, ri, dropped = _chat_pair(tok, row)
+            if dropped and not warned:
+                warned = True
+                warnings.warn(f"row {i}: the templated prompt is not a prefix of the templated "
+                              f"prompt + response; the response starts where they diverge and "
+                              f"{tok.decode(dropped)!r} is left out of the prompt", stacklevel=2)
+            if bos and pi[:1] != bos:
+                pi = bos + pi
+        if ci == ri:  # compared as tokens: a template may render different messages alike (trim)
             out.skipped["identical chosen and rejected"] += 1
             continue
-        pi = bos + tok(p, add_special_tokens=False)["input_ids"]
-        ci = tok(c, add_special_tokens=False)["input_ids"] + eos
-        ri = tok(r, add_special_tokens=False)["input_ids"] + eos
         if len(pi) + 1 > max_length:
             out.skipped["prompt longer than max_length"] += 1
             continue

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if not loop.last or "
-    "m['role'] != 'assistant' %}\n{% endif %}{% endfor %}"
+    # an assistant turn ends in EOS (the response's stop token, as the template gives it)
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% else %}\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
