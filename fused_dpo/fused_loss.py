@@ -50,8 +50,10 @@ def dpo_loss_from_hidden(
         ref_hidden + ref_weight (+ ref_bias): reference hidden states and head, run under no_grad.
         grad_in_forward: compute the gradients during the forward, a group of pairs at a time
             (three (M, H, V) matmuls instead of four; see `hidden.grouped_logps_and_grads` for the
-            memory it trades). Needs a loss whose gradient for a pair depends on that pair alone
-            (not bco_pair), reduction "mean", no temperature-dependent reference path change.
+            memory it trades). Needs a loss whose gradient for a pair depends on that pair's
+            log-probs alone (not bco_pair_running_mean, aot, aot_unpaired; sft's batch-wide token
+            count is known from the mask), reduction "mean", no temperature-dependent reference
+            path change.
             The returned loss carries the precomputed gradients; eager only.
         pairs_per_group: with grad_in_forward, the pairs whose logits are held at once (the
             last group takes the rest). Each group reads and writes the fp32 (V, H) dW
@@ -129,12 +131,12 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
                                pairs_per_group, kw, loss_kwargs):
     o = {k: p.default for k, p in _LOSS_OPTIONS.items()} | loss_kwargs
     types = [o["loss_type"]] if isinstance(o["loss_type"], str) else list(o["loss_type"])
-    coupled = {"bco_pair": "couples the batch through its running mean",
+    coupled = {"bco_pair_running_mean": "couples the batch through its running mean",
                "aot": "sorts the batch's log-ratios", "aot_unpaired": "sorts the batch's log-ratios"}
     for t in types:
         if t in coupled:
             raise ValueError(f"grad_in_forward needs a loss whose gradient for a pair depends on "
-                             f"that pair alone; {t} {coupled[t]}")
+                             f"that pair's log-probs alone; {t} {coupled[t]}")
     for name in ("ld_alpha", "use_weighting"):
         if o.get(name) not in (None, False):
             raise ValueError(f"grad_in_forward does not support {name}: it needs per-token inputs "
@@ -158,7 +160,8 @@ def _loss_with_grad_in_forward(hidden, weight, bias, input_ids, response_mask, r
     T = hidden.shape[1]
     tg = _common.check_targets((n, T), hidden.device, input_ids, response_mask, None, -100, "hidden")
     # Stand-ins for the pairs not yet computed: finite values (mean log-prob -1 per token). For a
-    # separable loss the gradient w.r.t. pair i does not depend on them.
+    # separable loss the gradient w.r.t. pair i does not depend on them. The counts are the real
+    # ones (the mask's), as sft's denominator, the batch's chosen tokens, needs.
     w = response_mask[:, 1:].to(torch.float32) if response_mask is not None else \
         torch.ones((n, max(T - 1, 0)), device=hidden.device)
     counts_all = w.sum(-1)

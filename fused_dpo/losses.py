@@ -7,8 +7,9 @@ The implicit rewards reported as metrics are beta * h_c and beta * h_r (beta * a
 the reference-free losses).
 
 `dpo_loss(...)` returns (loss, metrics) with TRL's metric names. The per-pair losses are averaged
-over the batch (`reduction="mean"`); `reduction="none"` returns them per pair. Several losses can be
-combined with weights, as in MPO (Wang et al., 2024).
+over the batch (`reduction="mean"`); `reduction="none"` returns them per pair. `sft` is one value
+for the batch (its NLL per chosen token, as in TRL 1.16), repeated in every pair's entry. Several
+losses can be combined with weights, as in MPO (Wang et al., 2024).
 
 Options shared by several losses (TRL 1.16's DPOTrainer applies them the same way):
 - `f_divergence_type` (f-DPO): the log-ratios enter the chosen-minus-rejected difference through
@@ -40,8 +41,9 @@ SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
 
 @dataclass
 class BCOState:
-    """Running mean of the implicit rewards for BCO (Jung et al., 2024), updated in place by
-    `dpo_loss(..., bco_state=state)`: an exact mean over every reward seen so far."""
+    """Running mean of the implicit rewards for `bco_pair_running_mean` (BCO's reward shift, Jung
+    et al., 2024), updated in place by `dpo_loss(..., bco_state=state)`: an exact mean over every
+    reward seen so far. The default `bco_pair` (TRL 1.16's) has no shift and reads no state."""
 
     mean: float = 0.0
     count: int = 0
@@ -131,9 +133,19 @@ def discopop_loss(u, beta, tau=0.05):
     return (1 - m) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
 
 
-def bco_pair_loss(h_c, h_r, beta, state: BCOState):
-    """BCO (Jung et al., 2024): with delta the running mean of all implicit rewards seen so far
-    (this batch included): -log sigmoid(beta h_c - delta) - log sigmoid(-(beta h_r - delta))."""
+def bco_pair_loss(h_c, h_r, beta):
+    """BCO (Jung et al., 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    arXiv 2404.04656) on pairs, as TRL 1.16's DPOTrainer and Liger compute it: the implicit reward
+    classifies the chosen response as positive and the rejected one as negative, with no reward
+    shift:  -log sigmoid(beta h_c) - log sigmoid(-beta h_r). Each pair's loss reads that pair alone."""
+    return -F.logsigmoid(beta * h_c) - F.logsigmoid(-beta * h_r)
+
+
+def bco_pair_running_mean_loss(h_c, h_r, beta, state: BCOState):
+    """BCO with the paper's reward shift delta (Jung et al., 2024, arXiv 2404.04656), here the
+    exact running mean of every implicit reward seen so far, this batch's 2B included (`state`,
+    updated in place, so the batch is coupled): -log sigmoid(beta h_c - delta)
+    - log sigmoid(-(beta h_r - delta)). delta is a constant of the step: no gradient flows into it."""
     rc, rr = beta * h_c, beta * h_r
     state.update(torch.cat([rc, rr]))
     delta = state.mean
@@ -159,8 +171,15 @@ def orpo_loss(pi_c, pi_r, n_c, n_r, beta):
 
 
 def sft_loss(pi_c, n_c):
-    """The chosen responses' mean NLL, -pi_c / n_c (the RPO term of Pang et al., 2024)."""
-    return -_mean_logps(pi_c, n_c)
+    """The chosen responses' NLL per token of the whole batch, -sum_i pi_c_i / sum_i n_c_i (the RPO
+    term of Pang et al., 2024), as TRL 1.16's `sft` (-per_token_logps[chosen_mask].mean()) and
+    Liger's `compute_nll_loss` take it: a response weighs by its tokens, not as one pair of B. A
+    batch-level value, so every pair's entry is the same; 0 when no chosen response has a token.
+    pi_c must be summed log-probs, not per-sequence means (those would be divided by n again)."""
+    # Summed over the batch in float32 or wider: in bf16 a total of 257 tokens is already 256.
+    acc = torch.promote_types(pi_c.dtype, torch.float32)
+    nll = -pi_c.to(acc).sum() / n_c.to(acc).sum().clamp_min(1)
+    return nll.to(pi_c.dtype).expand_as(pi_c)
 
 
 def sppo_hard_loss(h_c, h_r, beta):
@@ -297,13 +316,20 @@ def wpo_weights(pi_c, pi_r, lsq_c, lsq_r, n_c, n_r):
 
 LOSS_TYPES = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down",
-    "discopop", "bco_pair", "simpo", "orpo", "sft", "sppo_hard", "aot", "aot_unpaired", "sigmoid_norm",
+    "discopop", "bco_pair", "bco_pair_running_mean", "simpo", "orpo", "sft", "sppo_hard", "aot",
+    "aot_unpaired", "sigmoid_norm",
 )
 
 
-def _check(name, t, like):
+def _check(name, t, like, floating=True):
+    """floating: log-probs (a float dtype); otherwise token counts (an integer or float dtype)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype (float32, float64, "
+                        f"bfloat16 or float16)")
+    if not floating and (t.dtype == torch.bool or t.is_complex()):
+        raise TypeError(f"{name} has dtype {t.dtype}; expected an integer or floating dtype")
     if t.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_chosen_logps has {tuple(like.shape)}")
 
@@ -396,19 +422,26 @@ def dpo_loss(
     """A DPO-family loss from per-sequence log-probs (B,) and TRL-named metrics.
 
     Args:
-        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs of the policy.
+        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs of the policy
+            (a float dtype; get_logps' reduction="sum", not "mean": the length-normalised losses
+            and sft divide by the counts themselves).
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference model
             (precomputed or not); required by every loss except simpo, orpo and sft.
         loss_type: one name of LOSS_TYPES or a list, combined as sum_k weight_k * loss_k (MPO).
             aot and aot_unpaired sort the batch: their entry i (reduction="none") is the i-th
-            quantile's loss, not pair i's.
+            quantile's loss, not pair i's. sft's entries are all the batch's NLL per chosen token,
+            sum(-policy_chosen_logps) / sum(chosen_counts) (TRL 1.16's `sft`). bco_pair is TRL
+            1.16's (no reward shift); bco_pair_running_mean subtracts the running reward mean.
         loss_weights: one finite weight >= 0 per loss type (default 1 each).
         beta: > 0. label_smoothing: in [0, 0.5) (cDPO / robust / EXO / SimPO / sigmoid_norm / AOT).
-        chosen_counts, rejected_counts: (B,) response token counts; needed by ipo, sigmoid_norm,
-            simpo, orpo and sft, and by use_weighting (get_logps(..., return_counts=True) gives them).
+        chosen_counts, rejected_counts: (B,) response token counts (an integer or float dtype);
+            needed by ipo, sigmoid_norm, simpo, orpo and sft, and by rpo_alpha and use_weighting
+            (get_logps(..., return_counts=True) gives them).
         simpo_gamma: SimPO target margin (finite). discopop_tau: DiscoPOP temperature (> 0).
-        rpo_alpha: when set, adds rpo_alpha * the chosen mean NLL (RPO).
-        bco_state: running reward mean for bco_pair (updated in place; required for it).
+        rpo_alpha: when set, adds rpo_alpha * the sft term (RPO; TRL 1.16 writes it as
+            loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]).
+        bco_state: the running reward mean of bco_pair_running_mean (updated in place; required
+            for it). Every other loss, bco_pair included, ignores it.
         f_divergence_type: one of F_DIVERGENCES (`f_divergence_scores`); a value other than
             "reverse_kl" only with the losses of F_DIVERGENCE_LOSS_TYPES, whose chosen - rejected
             difference it changes. f_alpha_divergence_coef: alpha_divergence's coefficient (finite).
@@ -450,8 +483,9 @@ def dpo_loss(
     if needs_counts and (chosen_counts is None or rejected_counts is None):
         raise ValueError(f"loss_type {types} (or rpo_alpha, use_weighting) needs chosen_counts and "
                          f"rejected_counts")
-    if "bco_pair" in types and bco_state is None:
-        raise ValueError("loss_type 'bco_pair' needs bco_state=BCOState() (its running reward mean)")
+    if "bco_pair_running_mean" in types and bco_state is None:
+        raise ValueError("loss_type 'bco_pair_running_mean' needs bco_state=BCOState() (its running "
+                         "reward mean)")
     prefixes = {"policy_chosen_logps_prefix": policy_chosen_logps_prefix,
                 "policy_rejected_logps_prefix": policy_rejected_logps_prefix,
                 "ref_chosen_logps_prefix": ref_chosen_logps_prefix,
@@ -475,7 +509,7 @@ def dpo_loss(
                     ("chosen_counts", chosen_counts), ("rejected_counts", rejected_counts),
                     *prefixes.items(), *wpo.items()):
         if t is not None:
-            _check(name, t, pi_c)
+            _check(name, t, pi_c, floating=not name.endswith("_counts"))
 
     dt = pi_c.dtype
     ref_c = ref_chosen_logps.to(dt) if needs_ref else None
@@ -509,10 +543,11 @@ def dpo_loss(
         "apo_zero": lambda: apo_zero_loss(h_c, h_r, beta),
         "apo_down": lambda: apo_down_loss(h_c, h_r, beta),
         "discopop": lambda: discopop_loss(d, beta, discopop_tau),
-        "bco_pair": lambda: bco_pair_loss(h_c, h_r, beta, bco_state),
+        "bco_pair": lambda: bco_pair_loss(h_c, h_r, beta),
+        "bco_pair_running_mean": lambda: bco_pair_running_mean_loss(h_c, h_r, beta, bco_state),
         "simpo": lambda: simpo_loss(pi_c, pi_r, n_c, n_r, beta, simpo_gamma, eps),
         "orpo": lambda: orpo_loss(pi_c, pi_r, n_c, n_r, beta),
-        "sft": lambda: sft_loss(plain_c, n_c),
+        "sft": lambda: sft_loss(plain_c, chosen_counts),  # the counts uncast: it sums them
         "sppo_hard": lambda: sppo_hard_loss(h_c, h_r, beta),
         "aot": lambda: aot_loss(pi_c, pi_r, ref_c, ref_r, beta, eps),
         "aot_unpaired": lambda: aot_unpaired_loss(h_c, h_r, beta, eps),
@@ -520,7 +555,7 @@ def dpo_loss(
     }
     losses = sum(w * per_type[t]() for t, w in zip(types, weights, strict=True))
     if rpo_alpha is not None:
-        losses = losses + rpo_alpha * sft_loss(plain_c, n_c)
+        losses = losses + rpo_alpha * sft_loss(plain_c, chosen_counts)
     if use_weighting:
         losses = losses * wpo_weights(plain_c, plain_r, chosen_log_sum_sq_probs.to(dt),
                                       rejected_log_sum_sq_probs.to(dt), n_c, n_r)

@@ -78,7 +78,7 @@ def test_grad_in_forward_refuses_coupled_losses():
     w = torch.randn(9, 4)
     ids = torch.randint(0, 9, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.bool)
-    for coupled in ("bco_pair", "aot", "aot_unpaired"):  # aot: wrong gradients before the check
+    for coupled in ("bco_pair_running_mean", "aot", "aot_unpaired"):  # aot: wrong gradients before the check
         with pytest.raises(ValueError, match=coupled):
             dpo_loss_from_hidden(h, w, ids, mask, ref_logps=torch.zeros(2), loss_type=coupled,
                                  grad_in_forward=True)

@@ -60,14 +60,24 @@ def by_formula(name, pc, pr, rc, rr, nc, nr, score=lambda h: h):
         ac, ar = min(mean(pc, nc), -1e-12), min(mean(pr, nr), -1e-12)
         odds = lambda a: a - math.log(-math.expm1(a))  # log(1 - e^a), accurate near a = 0
         return -ac - B * lsig(odds(ac) - odds(ar))
-    if name == "sft":
-        return -mean(pc, nc)
+    if name == "bco_pair":  # TRL 1.16's: no reward shift
+        return -lsig(B * hc) - lsig(-B * hr)
     if name == "sppo_hard":
         return (hc - 0.5 / B) ** 2 + (hr + 0.5 / B) ** 2
     if name == "sigmoid_norm":
         d = B * (mean(sc, nc) - mean(sr, nr))
         return -(1 - EPS) * lsig(d) - EPS * lsig(-d)
     raise KeyError(name)
+
+
+def expected(name, pc, pr, rc, rr, nc, nr, score=lambda h: h):
+    """The (B,) losses in plain Python: per pair by_formula, or sft's one batch value in every entry:
+    the NLL per chosen token of the batch, sum_i -pc_i / sum_i nc_i (TRL 1.16's
+    -per_token_logps[chosen_mask].mean())."""
+    cols = [[float(x) for x in t] for t in (pc, pr, rc, rr, nc, nr)]
+    if name == "sft":
+        return [-sum(cols[0]) / max(sum(cols[4]), 1.0)] * len(cols[0])
+    return [by_formula(name, *row, score=score) for row in zip(*cols, strict=True)]
 
 
 def _batch():
@@ -87,15 +97,57 @@ def _kw(name):
                 reduction="none")
 
 
-PER_PAIR = [n for n in LOSS_TYPES if n != "bco_pair" and n not in SORTED_LOSS_TYPES]
+# Every loss but the stateful one (its own test below) and the sorted ones (theirs further down).
+BY_FORMULA = [n for n in LOSS_TYPES if n != "bco_pair_running_mean" and n not in SORTED_LOSS_TYPES]
 
 
-@pytest.mark.parametrize("name", PER_PAIR)
+@pytest.mark.parametrize("name", BY_FORMULA)
 def test_loss_matches_formula(name):
-    pc, pr, rc, rr, nc, nr = _batch()
+    pc, pr, rc, rr, nc, nr = _batch()  # ragged lengths: nc from 1 to 29
     got, _ = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, **_kw(name))
-    want = [by_formula(name, *(float(t[i]) for t in (pc, pr, rc, rr, nc, nr))) for i in range(6)]
+    want = expected(name, pc, pr, rc, rr, nc, nr)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_sft_is_the_batch_token_mean_not_the_mean_of_means():
+    """TRL 1.16's sft is -per_token_logps[chosen_mask].mean(): a response of 29 tokens weighs 29
+    times one of 1 token. From per-token log-probs of ragged responses, with its gradient."""
+    pol, _, mask = _token_batch()  # chosen lengths 5, 2, 3, 4
+    pol.requires_grad_(True)
+    logps, n = (pol * mask).sum(-1), mask.sum(-1)
+    loss, _ = dpo_loss(logps[:4], logps[4:], loss_type="sft", chosen_counts=n[:4], rejected_counts=n[4:])
+    on = mask[:4] != 0
+    want = -pol[:4][on].mean()
+    mean_of_means = -((pol[:4] * mask[:4]).sum(-1) / n[:4]).mean()
+    assert abs(float(want.detach() - mean_of_means.detach())) > 1e-2  # the readings differ here
+    torch.testing.assert_close(loss, want, rtol=1e-14, atol=0)
+    (g,) = torch.autograd.grad(loss, pol)
+    torch.testing.assert_close(g[:4][on], torch.full((14,), -1 / 14, dtype=torch.float64))
+    assert (g[:4][~on] == 0).all() and (g[4:] == 0).all()
+    # reduction="none": the batch value in every entry; with rpo_alpha, alpha times it
+    z = torch.zeros(4, dtype=torch.float64)
+    per, _ = dpo_loss(logps[:4], logps[4:], loss_type="sft", chosen_counts=n[:4], rejected_counts=n[4:],
+                      reduction="none")
+    torch.testing.assert_close(per, want.expand(4))
+    rpo, _ = dpo_loss(logps[:4], logps[4:], z, z, loss_type="hinge", beta=B, rpo_alpha=0.5,
+                      chosen_counts=n[:4], rejected_counts=n[4:])
+    hinge, _ = dpo_loss(logps[:4], logps[4:], z, z, loss_type="hinge", beta=B)
+    torch.testing.assert_close(rpo, hinge + 0.5 * want)
+
+
+HALF = [(torch.bfloat16, 128.0, 256), (torch.float16, 1024.0, 2048)]
+
+
+@pytest.mark.parametrize("dtype,a,n", HALF, ids=["bf16", "fp16"])
+def test_sft_sums_the_batch_in_float32(dtype, a, n):
+    """n + 1 tokens is not a number of the dtype (it rounds to n, and 3a / n = 1.5 is a whole ulp
+    off): the batch's sums run in float32, then the result rounds once."""
+    pc = torch.tensor([-a, -2 * a], dtype=dtype)
+    counts = torch.tensor([1, n])
+    got, _ = dpo_loss(pc, pc, loss_type="sft", chosen_counts=counts, rejected_counts=counts)
+    assert got.dtype == dtype
+    want = torch.tensor(3 * a / (n + 1), dtype=torch.float64).to(dtype)
+    assert got.item() == want.item() != 1.5
 
 
 def test_equal_chosen_rejected_dpo_is_log2():
@@ -105,17 +157,31 @@ def test_equal_chosen_rejected_dpo_is_log2():
     assert m["rewards/margins"].item() == 0.0 and m["rewards/accuracies"].item() == 0.0
 
 
+def test_bco_pair_is_trls_and_reads_no_state():
+    """bco_pair is TRL 1.16's -log sigmoid(beta h_c) - log sigmoid(-beta h_r): no reward shift, so a
+    state passed along (the trainer always passes one) is neither read nor advanced."""
+    pc, pr, rc, rr, nc, nr = _batch()
+    state = BCOState(mean=3.0, count=10)
+    got, _ = dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", beta=B, bco_state=state, reduction="none")
+    torch.testing.assert_close(got, torch.tensor(expected("bco_pair", pc, pr, rc, rr, nc, nr),
+                                                 dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert (state.mean, state.count) == (3.0, 10)
+    no_state, _ = dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", beta=B, reduction="none")
+    torch.testing.assert_close(no_state, got, rtol=0, atol=0)
+
+
 def test_bco_running_mean_state():
     pc, pr, rc, rr, nc, nr = _batch()
     state = BCOState()
-    got, _ = dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", beta=B, bco_state=state, reduction="none")
+    got, _ = dpo_loss(pc, pr, rc, rr, loss_type="bco_pair_running_mean", beta=B, bco_state=state,
+                      reduction="none")
     rewards = torch.cat([B * (pc - rc), B * (pr - rr)])
     delta = rewards.mean().item()
     assert state.count == 12 and abs(state.mean - delta) < 1e-12
     want = [-lsig(B * float(pc[i] - rc[i]) - delta) - lsig(-(B * float(pr[i] - rr[i]) - delta))
             for i in range(6)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
-    dpo_loss(pc[:2], pr[:2], rc[:2], rr[:2], loss_type="bco_pair", beta=B, bco_state=state)
+    dpo_loss(pc[:2], pr[:2], rc[:2], rr[:2], loss_type="bco_pair_running_mean", beta=B, bco_state=state)
     all_r = torch.cat([rewards, B * (pc[:2] - rc[:2]), B * (pr[:2] - rr[:2])])
     assert state.count == 16 and abs(state.mean - all_r.mean().item()) < 1e-12
 
@@ -170,7 +236,7 @@ BAD = [
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), ValueError, "loss_weights"),
     (dict(loss_type="ipo"), ValueError, "chosen_counts"),
-    (dict(loss_type="bco_pair"), ValueError, "bco_state"),
+    (dict(loss_type="bco_pair_running_mean"), ValueError, "bco_state"),
     (dict(reduction="sum"), ValueError, "reduction"),
     (dict(beta=True), ValueError, "beta"),  # a bool is not a number (TOML `beta = true`)
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -0.5]), ValueError, "loss_weights"),
@@ -214,6 +280,33 @@ def test_bad_options(kw, exc, text):
     z = torch.zeros(2)
     with pytest.raises(exc, match=text):
         dpo_loss(z, z, z, z, **kw)
+
+
+LOGPS_ARGS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+@pytest.mark.parametrize("arg", LOGPS_ARGS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_non_float_logps_are_type_errors(arg, dtype):
+    """Integer log-probs used to reach torch's `mean(): could not infer output dtype` (or pass
+    silently when not the first argument)."""
+    args = {a: torch.full((2,), -3.0) for a in LOGPS_ARGS}
+    args[arg] = args[arg].to(dtype)
+    with pytest.raises(TypeError, match=rf"{arg} has dtype {dtype}; expected a floating dtype"):
+        dpo_loss(*args.values())
+
+
+def test_counts_take_integers_not_bool():
+    z = torch.full((2,), -3.0)
+    kw = dict(loss_type="ipo", beta=B)
+    ints, _ = dpo_loss(z, z - 1, z, z, chosen_counts=torch.tensor([3, 4]),
+                       rejected_counts=torch.tensor([5, 6], dtype=torch.int32), **kw)
+    floats, _ = dpo_loss(z, z - 1, z, z, chosen_counts=torch.tensor([3.0, 4.0]),
+                         rejected_counts=torch.tensor([5.0, 6.0]), **kw)
+    torch.testing.assert_close(ints, floats)
+    with pytest.raises(TypeError, match="rejected_counts has dtype torch.bool; expected an integer"):
+        dpo_loss(z, z, z, z, chosen_counts=torch.tensor([3, 4]),
+                 rejected_counts=torch.tensor([True, True]), **kw)
 
 
 def test_missing_reference_and_shape_mismatch():
@@ -282,9 +375,7 @@ def test_f_divergence_matches_formula(name, kind, a):
     pc, pr, rc, rr, nc, nr = _batch()
     got, _ = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, f_divergence_type=kind,
                       f_alpha_divergence_coef=a, **_kw(name))
-    score = score_by_formula(kind, a)
-    want = [by_formula(name, *(float(t[i]) for t in (pc, pr, rc, rr, nc, nr)), score=score)
-            for i in range(6)]
+    want = expected(name, pc, pr, rc, rr, nc, nr, score=score_by_formula(kind, a))
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
@@ -383,17 +474,20 @@ def test_ld_dpo_matches_formula_and_gradient(alpha):
         lc, lr = ld(float(full[i]), P[i][0]), ld(float(full[4 + i]), P[i][1])
         rcc, rrr = ld(float(rfull[i]), R[i][0]), ld(float(rfull[4 + i]), R[i][1])
         z = B * ((lc - rcc) - (lr - rrr))
-        want.append(-lsig(z) + -float(full[i]) / float(n[i]))  # the NLL reads the plain sum, as in TRL
+        # the NLL reads the plain sums, as in TRL: the batch's NLL per chosen token
+        want.append(-lsig(z) - float(full[:4].sum()) / float(n[:4].sum()))
         ld_c.append(lc)
         zs.append(z)
     torch.testing.assert_close(loss, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m["logps/chosen"], torch.tensor(ld_c, dtype=torch.float64).mean())
-    # Gradient: a token past the shared length counts alpha times one inside it; the NLL counts both alike.
+    # Gradient: a token past the shared length counts alpha times one inside it; the NLL counts both
+    # alike: each of the 4 entries holds the batch NLL, -1/N per chosen token, N the batch's tokens.
     loss.sum().backward()
+    nll_grad = -4 / float(n[:4].sum())
     for i in range(4):
         dz = B * sig(-zs[i])  # -d(-log sigmoid z)/d(LD chosen sum) = d(...)/d(LD rejected sum)
         shared = min(int(mask[i].sum()), int(mask[4 + i].sum()))
-        for row, sign, nll in ((i, -1.0, -1 / float(n[i])), (4 + i, 1.0, 0.0)):
+        for row, sign, nll in ((i, -1.0, nll_grad), (4 + i, 1.0, 0.0)):
             toks = [t for t in range(9) if mask[row, t] != 0]
             for k, t in enumerate(toks):
                 want_g = sign * dz * (1.0 if k < shared else alpha) + nll
@@ -455,16 +549,16 @@ def _wpo_inputs():
     return pc, pr, rc, rr, nc, nr, lc, lr
 
 
-@pytest.mark.parametrize("name", PER_PAIR)
+@pytest.mark.parametrize("name", BY_FORMULA)
 def test_wpo_weighting_matches_formula(name):
     pc, pr, rc, rr, nc, nr, lc, lr = _wpo_inputs()
     got, _ = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, use_weighting=True,
                       chosen_log_sum_sq_probs=lc, rejected_log_sum_sq_probs=lr, **_kw(name))
     want = []
-    for i in range(6):
+    for i, loss in enumerate(expected(name, pc, pr, rc, rr, nc, nr)):
         v = [float(t[i]) for t in (pc, pr, rc, rr, nc, nr, lc, lr)]
         w = math.exp((v[0] - v[6]) / max(v[4], 1.0)) * math.exp((v[1] - v[7]) / max(v[5], 1.0))
-        want.append(w * by_formula(name, *v[:6]))
+        want.append(w * loss)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
@@ -475,12 +569,14 @@ def test_wpo_weight_is_detached_and_scales_rpo():
     plain, _ = dpo_loss(pc, pr, rc, rr, **kw)
     weighted, _ = dpo_loss(pc, pr, rc, rr, use_weighting=True, chosen_log_sum_sq_probs=lc,
                            rejected_log_sum_sq_probs=lr, **kw)
-    w = torch.exp((pc - lc) / nc.clamp_min(1)) * torch.exp((pr - lr) / nr.clamp_min(1))
-    torch.testing.assert_close(weighted, w.detach() * plain)
-    g_plain = torch.autograd.grad(plain.sum(), (pc, pr))
+    w = (torch.exp((pc - lc) / nc.clamp_min(1)) * torch.exp((pr - lr) / nr.clamp_min(1))).detach()
+    torch.testing.assert_close(weighted, w * plain)
+    # No gradient through the weight: that of sum_i w_i * plain_i with w held constant (the rpo
+    # term is the batch's NLL per token, so each pair's gradient has every pair's weight in it).
+    g_want = torch.autograd.grad((w * plain).sum(), (pc, pr))
     g_w = torch.autograd.grad(weighted.sum(), (pc, pr))
-    for a, b in zip(g_plain, g_w, strict=True):
-        torch.testing.assert_close(b, w.detach() * a)  # no gradient through the weight
+    for a, b in zip(g_want, g_w, strict=True):
+        torch.testing.assert_close(b, a)
 
 
 def test_wpo_from_get_logps_stats_matches_trl_per_token_formula():

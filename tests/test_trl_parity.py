@@ -1,4 +1,4 @@
-"""Parity with TRL 1.16's RL kernels on the same inputs (float32, CPU).
+"""Parity with TRL 1.16's RL kernels and DPO losses on the same inputs (CPU).
 
 - `token_logps_and_entropy` against `trl.trainer.utils.selective_log_softmax_and_entropy`
   (the torch fallback TRL takes on the CPU): log-probs, entropy and the logits gradient of
@@ -8,8 +8,12 @@
   tiles on the CPU): log-probs, entropy, log sum p^2, mean logit, top-1, and the gradients w.r.t.
   hidden, weight and bias; with a row mask, TRL gets the compacted rows, as its fused_lm_head patch
   passes them.
+- `dpo_loss` against `trl.trainer.dpo_trainer.DPOTrainer._compute_loss` itself, run unbound on a
+  stand-in trainer and model that return given per-token log-probs (float64): every TRL loss type,
+  MPO combinations, RPO, with and without WPO weighting; the loss and its gradient w.r.t. each
+  response token's log-prob, to 1e-12.
 
-The rule is the project's (tests/helpers.py): with float64 truth from `fused_dpo.reference`,
+For the kernels the rule is the project's (tests/helpers.py): with float64 truth from `fused_dpo.reference`,
 |ours - truth| <= |TRL - truth| + tol, tol a few float32 ulps of the largest value (the fp32 rule
 of tests/test_hidden.py); and ours within float32 precision of TRL directly.
 
@@ -184,3 +188,126 @@ def test_hidden_matches_trl_chunked(temperature, softcap, masked):
                                      truth_grads, strict=True):
         _check(o, t, tr, name)
         _check(tok_g, t, tr, f"token_logps_and_entropy_from_hidden {name}")
+
+
+# --- the DPO losses through TRL 1.16's own DPOTrainer._compute_loss ------------------------------
+
+# TRL 1.16's loss types (its `_compute_loss` error message lists them); simpo and orpo are not
+# DPOTrainer losses there, and bco_pair_running_mean is this package's option.
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# The losses TRL 1.16 applies label_smoothing to; it ignores it elsewhere (its sigmoid has no cDPO
+# smoothing), so the others run with 0 here.
+TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+LOSS_CASES = [*TRL_LOSS_TYPES, ("sigmoid", "sft"), ("sigmoid", "bco_pair", "sft")]
+# Where TRL 1.16's WPO (use_weighting) cannot be compared: its `per_sequence_loss *= weights` is in
+# place, which raises on sft's expanded scalar and breaks the backward through hinge's relu; and
+# dpo_loss refuses to weight the sorted losses (their entries are quantiles, not pairs).
+NO_WPO_PARITY = {"sft": "TRL raises: in-place *= on its expanded scalar",
+                 "hinge": "TRL's in-place *= on relu's output breaks its backward",
+                 "aot": "dpo_loss refuses WPO on a sorted loss",
+                 "aot_unpaired": "dpo_loss refuses WPO on a sorted loss"}
+
+
+def _trl_compute_loss(loss_types, loss_weights, token_logps, completion_mask, ref_logps, beta, eps,
+                      log_sum_sq_probs=None):
+    """TRL 1.16's `DPOTrainer._compute_loss`, unbound, on a stand-in trainer and model: the model
+    returns `token_logps` (2B, T-1) as its `log_probs` (0 off the response, as TRL's fused head gives
+    them for labels -100), the reference log-probs come precomputed, as with
+    `precompute_ref_log_probs`. Everything after the forward is TRL's code."""
+    import collections
+    import types
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    n, T = completion_mask.shape
+    zeros = torch.zeros(n, T - 1, dtype=token_logps.dtype)
+    outputs = types.SimpleNamespace(log_probs=token_logps, entropy=zeros, mean_logits=zeros,
+                                    is_top1=zeros.bool(), log_sum_sq_probs=log_sum_sq_probs)
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True),
+        accelerator=types.SimpleNamespace(device=token_logps.device, gather=lambda x: x,
+                                          gather_for_metrics=lambda x: x),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, loss_types=list(loss_types),
+        loss_weights=list(loss_weights), beta=beta, label_smoothing=eps,
+        use_weighting=log_sum_sq_probs is not None, args=types.SimpleNamespace(discopop_tau=0.05),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1)
+    B = n // 2
+    inputs = dict(input_ids=torch.zeros(n, T, dtype=torch.long),
+                  attention_mask=torch.ones(n, T, dtype=torch.long), completion_mask=completion_mask,
+                  ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
+    return DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+
+
+def _pairs_case(seed=0):
+    """4 pairs, [chosen; rejected], prompts first, response lengths all different (ragged: the
+    batch's NLL per token differs from the mean of per-response means), float64."""
+    g = torch.Generator().manual_seed(seed)
+    starts, lens = [1, 2, 1, 3, 1, 2, 3, 1], [5, 2, 7, 3, 3, 6, 1, 4]
+    cmask = torch.zeros(8, 11, dtype=torch.long)
+    for i, (s, k) in enumerate(zip(starts, lens, strict=True)):
+        cmask[i, s:s + k] = 1
+    m = cmask[:, 1:].double()
+    tok = -torch.rand(8, 10, generator=g, dtype=torch.float64) * 3 * m
+    ref = (tok.sum(-1) + torch.randn(8, generator=g, dtype=torch.float64) * 2).detach()
+    lsq = -torch.rand(8, 10, generator=g, dtype=torch.float64) * m
+    return tok, cmask, m, ref, lsq
+
+
+@pytest.mark.parametrize("use_weighting", [False, True], ids=["plain", "wpo"])
+@pytest.mark.parametrize("loss_type", LOSS_CASES, ids=lambda t: t if isinstance(t, str) else "+".join(t))
+def test_dpo_losses_match_trl_compute_loss(loss_type, use_weighting):
+    """dpo_loss on the per-sequence sums and counts gives TRL 1.16's loss and gradient w.r.t. every
+    response token's log-prob (float64, to 1e-12)."""
+    from fused_dpo.losses import LOSS_TYPES, dpo_loss
+
+    types_ = (loss_type,) if isinstance(loss_type, str) else loss_type
+    assert set(types_) <= set(LOSS_TYPES)
+    if use_weighting and set(types_) & set(NO_WPO_PARITY):
+        pytest.skip("; ".join(NO_WPO_PARITY[t] for t in types_ if t in NO_WPO_PARITY))
+    weights = [1.0, 0.4, 0.7][: len(types_)]
+    eps = 0.1 if types_[0] in TRL_SMOOTHED else 0.0
+    beta = 0.3
+    tok0, cmask, m, ref, lsq = _pairs_case()
+
+    tok = tok0.clone().requires_grad_(True)
+    want = _trl_compute_loss(types_, weights, tok, cmask, ref, beta, eps,
+                             lsq if use_weighting else None)
+    (want_grad,) = torch.autograd.grad(want, tok)
+
+    tok = tok0.clone().requires_grad_(True)
+    logps, counts = (tok * m).sum(-1), m.sum(-1)
+    wpo = {}
+    if use_weighting:
+        s = (lsq * m).sum(-1)
+        wpo = dict(use_weighting=True, chosen_log_sum_sq_probs=s[:4], rejected_log_sum_sq_probs=s[4:])
+    got, _ = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], loss_type=list(types_), loss_weights=weights,
+                      beta=beta, label_smoothing=eps, chosen_counts=counts[:4], rejected_counts=counts[4:],
+                      **wpo)
+    (got_grad,) = torch.autograd.grad(got, tok)
+    # TRL's exo_pair takes log(1 - eps) and log(eps) of a float32 tensor: float32 precision there
+    # (test_losses checks ours against the float64 formula at 1e-12).
+    tol = 1e-7 if "exo_pair" in types_ else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    on = m.bool()  # off the response TRL's log-probs are constants (labels -100): no gradient there
+    torch.testing.assert_close(got_grad[on], want_grad[on], rtol=tol, atol=tol)
+
+
+def test_rpo_alpha_is_trls_sigmoid_plus_weighted_sft():
+    """rpo_alpha=a is TRL 1.16's RPO, loss_type=["sigmoid", "sft"] with loss_weights=[1, a]."""
+    from fused_dpo.losses import dpo_loss
+
+    tok0, cmask, m, ref, _ = _pairs_case(1)
+    tok = tok0.clone().requires_grad_(True)
+    want = _trl_compute_loss(("sigmoid", "sft"), (1.0, 0.4), tok, cmask, ref, 0.3, 0.0)
+    (want_grad,) = torch.autograd.grad(want, tok)
+    tok = tok0.clone().requires_grad_(True)
+    logps, counts = (tok * m).sum(-1), m.sum(-1)
+    got, _ = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.3, rpo_alpha=0.4,
+                      chosen_counts=counts[:4], rejected_counts=counts[4:])
+    (got_grad,) = torch.autograd.grad(got, tok)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    on = m.bool()
+    torch.testing.assert_close(got_grad[on], want_grad[on], rtol=1e-12, atol=1e-12)
