@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check bench-cpu gpu-wheels lint clean
+.PHONY: install run test check bench-cpu gpu-wheels lint clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
+
+install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/fused-dpo train
@@ -31,10 +33,18 @@ bench-cpu: $(STAMP)
 # Competitors for the GPU tables travel as wheels (the GPU machine has no network; all three are
 # pure Python and their needs, torch, triton and transformers, are on its image). TRL alone, no
 # dependencies: `trl.kernels` imports with those three; bench/providers.py stands in for the one
-# accelerate-bound helper its chunked backward imports. Carry `.whl` with the device call.
+# accelerate-bound helper its chunked backward imports. pytest-xdist and execnet (pure Python) spread
+# gpu_check.sh's kernel-facing suite over processes. Carry `.whl` with the device call.
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel cut-cross-entropy trl==1.16.0
+		liger-kernel cut-cross-entropy trl==1.16.0 pytest-xdist execnet
+
+# The declared minimum versions (read from pyproject.toml) and the newest releases, each in its own
+# venv under build/compat/: import fused_dpo and a subset of the tests; the newest set also compiles
+# every kernel with ptxas. Not part of `make test`: the floor's torch is PyPI's CUDA build, a ~3 GB
+# download the first time. `bash .ci/compat floor` or `newest` runs one set.
+compat:
+	bash .ci/compat
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff

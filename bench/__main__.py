@@ -10,7 +10,8 @@ against float64 (`ent_rel_err`); `extra_GiB` is the peak less the gradients the 
 the rows for it are there, issue 11's ratios are printed at the end beside their goals (stats and
 entropy gradient against the plain call, ours against TRL's kernels).
 
-A stage stopped by `timeout` (SIGTERM) still writes the rows measured so far.
+Each row is appended to `--out`/results.csv as it is measured; a stage stopped by `timeout`
+(SIGTERM) also prints the goal ratios and draws the plot of the rows it has.
 """
 
 from __future__ import annotations
@@ -276,25 +277,41 @@ def entropy_goal_lines(rows) -> list[str]:
     return lines
 
 
-def _write(rows, ceil, out: Path):
+# The CSV's columns: a row holds GBps (logits) or TFLOPs (hidden), and ent_rel_err when its
+# provider computes an entropy; the cells it lacks stay empty.
+ROW_FIELDS = ["path", "shape", "provider", "mode", "ms", "p20", "p80", "peak_GiB", "extra_GiB", "floor_ms",
+              "GBps", "TFLOPs", "pct_roofline", "rel_err", "ent_rel_err"]
+
+
+class CsvRows(list):
+    """The rows measured so far; each is also appended to the CSV at `path` (None: no file) as it
+    is measured, after the columns of `meta`, so a stage killed outright (SIGKILL, the device
+    call's own limit) keeps every row it measured. The file is started at the first row."""
+
+    def __init__(self, path: Path | None, meta: dict, fields: list[str]):
+        super().__init__()
+        self.path, self.meta, self.fields = path, meta, list(meta) + fields
+
+    def append(self, row: dict) -> None:
+        if self.path is not None:
+            first = not self
+            if first:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w" if first else "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                if first:
+                    w.writeheader()
+                w.writerow({**self.meta, **row})
+        super().append(row)
+
+
+def _csv_rows(ceil, out: Path) -> CsvRows:
     import triton
 
-    out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=_device_name(), torch=torch.__version__,
                 triton=triton.__version__, commit=_commit(), python=platform.python_version(),
                 **{k: f"{v:.1f}" for k, v in ceil.items()})
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    path = out / "results.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(meta) + keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r})
-    print(f"wrote {path}")
-    try:
-        _plot(rows, out)
-    except ImportError:
-        print("matplotlib missing: no plots")
+    return CsvRows(out / "results.csv", meta, ROW_FIELDS)
 
 
 def _plot(rows, out: Path):
@@ -350,7 +367,7 @@ def main(argv=None) -> int:
     ceil = ceilings()
     print(f"{_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
-    rows: list[dict] = []
+    rows = _csv_rows(ceil, Path(args.out))  # each row lands in results.csv as it is measured
     want = args.providers.split(",") if args.providers else None
     # In the order given: a time-boxed stage lists the rows that matter most first.
     pick = lambda d: dict(d) if want is None else {k: d[k] for k in want if k in d}
@@ -378,7 +395,11 @@ def main(argv=None) -> int:
         print("issue 11 (entropy, GRPO/PPO): ratios of the rows above")
         for line in goals:
             print("  " + line)
-    _write(rows, ceil, Path(args.out))
+    print(f"wrote {rows.path}")
+    try:
+        _plot(rows, Path(args.out))
+    except ImportError:
+        print("matplotlib missing: no plots")
     return 0
 
 

@@ -37,7 +37,7 @@ def _trainer(model, pairs, cfg_kw: dict, out: str, parallel: str, eval_pairs=Non
 
     d = distributed.setup(parallel)
     cfg = DPOConfig(**{"output_dir": out, "parallel": parallel, **cfg_kw})
-    tok = SimpleNamespace(pad_token_id=0)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None)
     held = Tokenized(eval_pairs) if eval_pairs else None
     return DPOTrainer(model, None, tok, Tokenized(pairs), held, cfg, dist=d)
 

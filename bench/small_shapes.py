@@ -11,13 +11,13 @@ after a warm-up. forward runs under no_grad (the issue's baseline measurement di
 
 Providers: fused_dpo `get_logps` with validate=False and validate=True, the eager reference
 (`fused_dpo.reference.get_logps_reference`) and TRL 1.16's `selective_log_softmax_and_entropy` when
-it imports. Goals (issue 9) are printed beside the fused rows.
+it imports. Goals (issue 9) are printed beside the fused rows. With --out, each row is appended to
+small_shapes.csv as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -95,9 +95,14 @@ def _goal_notes(shape, mode, r, eager) -> str:
     return "; ".join(notes)
 
 
-def run(shapes, reps: int) -> list[dict]:
+FIELDS = ["shape", "provider", "mode", "reps", "wall_ms", "clock_ms", "host_ms", "goals"]
+
+
+def run(shapes, reps: int, rows: list | None = None) -> list[dict]:
+    """Time every provider at every shape; appends the rows to `rows` (a bench CsvRows writes each
+    to its CSV as it is measured) and returns it."""
     provs = providers()
-    rows = []
+    rows = [] if rows is None else rows
     print(f"{'shape':<16}{'provider':<22}{'mode':<9}{'wall ms':>9}{'clock ms':>10}{'host ms':>9}  goals")
     for B, T, V in shapes:
         ids, mask, g = bm._inputs(B, T, V, torch.bfloat16)
@@ -159,17 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     print(f"{bm._device_name()}, torch {torch.__version__}, commit {bm._commit()}: sync after every "
           f"call, median of {args.reps}")
-    rows = run(shapes, args.reps)
-    if args.out and rows:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = dict(gpu=bm._device_name(), torch=torch.__version__, commit=bm._commit())
-        with (out / "small_shapes.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
-            w.writeheader()
-            for r in rows:
-                w.writerow({**meta, **r})
-        print(f"wrote {out / 'small_shapes.csv'}")
+    meta = dict(gpu=bm._device_name(), torch=torch.__version__, commit=bm._commit())
+    # each row lands in the CSV as it is measured: a stage cut by its timeout keeps them
+    rows = run(shapes, args.reps, bm.CsvRows(Path(args.out) / "small_shapes.csv" if args.out else None,
+                                             meta, FIELDS))
+    if rows.path is not None and rows:
+        print(f"wrote {rows.path}")
     return 0 if rows else 1
 
 

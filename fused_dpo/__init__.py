@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import _requires  # noqa: F401  (first: an ImportError naming the torch it needs)
 from ._common import LogpsStats
 from .fused_loss import FusedDPOLoss, dpo_loss_from_hidden
 from .hidden import get_logps_from_hidden

@@ -146,6 +146,31 @@ def test_bench_stopped_by_sigterm_writes_rows(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
+def test_rows_land_in_the_csv_as_they_are_measured(tmp_path, monkeypatch, capsys):
+    """A stage killed outright (SIGKILL, the device call's limit) keeps its rows: each is on disk
+    before the next measurement starts, in the bench tables and in the small-shape table."""
+    import bench.__main__ as bm
+    import bench.small_shapes as ss
+
+    def rows_on_disk_at_each(module, name, csv_name):
+        seen, timer, path = [], getattr(module, name), tmp_path / csv_name
+
+        def counting(*args, **kwargs):
+            seen.append(len(list(csv.DictReader(path.open()))) if path.exists() else 0)
+            return timer(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return seen
+
+    seen = rows_on_disk_at_each(bm, "_time", "results.csv")
+    assert main(["logits", "--device", "cpu", "--quick", "--shapes", "2x16x64", "--providers",
+                 "fused_torch,eager", "--out", str(tmp_path)]) == 0
+    assert seen == [0, 1, 2, 3], seen  # forward and fwd+bwd of two providers
+    seen = rows_on_disk_at_each(ss, "time_calls", "small_shapes.csv")
+    assert ss.main(["--device", "cpu", "--shapes", "2x16x64", "--reps", "2", "--out", str(tmp_path)]) == 0
+    assert seen == list(range(len(seen))) and len(seen) >= 6, seen
+
+
 def test_torch_linear_cross_entropy_row(tmp_path, capsys):
     """PyTorch's own linear_cross_entropy (torch >= 2.13) as a hidden-path provider: its sums
     match float64 truth; on older torch the row is skipped with a note."""
