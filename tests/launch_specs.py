@@ -296,7 +296,8 @@ def _grid():
                             B, 17, 4099, dt, layout="vocab_view", weights=weights, reduction=red,
                             softcap=softcap)
         g[f"logps-{_short(dt)}-time_view"] = _logps_call(3, 17, 4099, dt, layout="time_view")
-        g[f"logps-{_short(dt)}-time_view-B1"] = _logps_call(1, 2, 4112, dt, layout="time_view", reduction="none")
+        g[f"logps-{_short(dt)}-time_view-B1"] = _logps_call(1, 2, 4112, dt, layout="time_view",
+                                                            reduction="none")
         g[f"logps-{_short(dt)}-inplace"] = _logps_call(3, 17, 4112, dt, inplace=True)
         for red in ("sum", "mean", "none"):
             for eg in (False, True):
@@ -400,11 +401,10 @@ def compile_spec(spec, cc):
     """triton.compile the recorded specialisation for sm_`cc`, as the launcher would."""
     import triton
     import triton.language as tl
+    from fused_dpo.kernels import logps as K
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
-
-    from fused_dpo.kernels import logps as K
 
     fn = getattr(K, spec["kernel"])
     backend = CUDABackend(GPUTarget("cuda", cc, 32))
