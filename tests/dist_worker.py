@@ -1,34 +1,43 @@
 """Scenarios of tests/test_distributed.py that need the trainer's Python API on every rank, run as
-`torchrun --nproc-per-node N tests/dist_worker.py SCENARIO[,SCENARIO...] OUT_DIR` (gloo, CPU).
+`torchrun --nproc-per-node 2 tests/dist_worker.py SCENARIO[,SCENARIO...] OUT_DIR` (gloo, CPU).
 Rank 0 writes what the test checks to OUT_DIR/result-SCENARIO.json.
 
-    tied   FSDP2 on a Llama whose lm_head is its input embedding: the tie survives sharding and
-           training, and the run matches one process (the test runs that one itself).
-    lora   FSDP2 with LoRA adapters (the reference is the policy with its adapters off, through
-           the same sharded root): the run matches one process.
-    nan    DDP; rank 1 alone sees a NaN loss at step 1: every rank skips that step, and the
-           weights stay identical across ranks.
-    nanacc FSDP2, 2 accumulation steps; rank 1 alone sees a NaN loss on the second micro-batch of
-           step 1, after the first one's backward: the step is skipped and nothing of it leaks
-           into the next (the test compares with one process that skips the same micro-batch).
+    tied       FSDP2 on a Llama whose lm_head is its input embedding: the tie survives sharding
+               and training, and the run matches one process (the test runs that one itself).
+    lora       FSDP2 with LoRA adapters (the reference is the policy with its adapters off,
+               through the same sharded root): the run matches one process.
+    nan-ddp    DDP, 2 accumulation steps; rank 1 alone sees a NaN loss on the second micro-batch
+    nan-fsdp2  of step 1, after the first one's backward (FSDP2: already reduced into the shards;
+               DDP: held unreduced in each rank's .grad): every rank skips the step, and nothing
+               of it reaches the next: the run equals, bit for bit, the same run whose step 1 is
+               skipped before any forward.
+
+The runs that match one process use RANK_BATCH pairs per rank and no accumulation; `reference`
+is the one-process config that computes exactly what they do (see tests/test_distributed.py).
 """
 
+import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ == "__main__":  # a rank; the test, which imports this module, set it up already
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
 from fused_dpo.train import distributed  # noqa: E402
 from fused_dpo.train.config import DPOConfig  # noqa: E402
 from fused_dpo.train.data import synthetic_sorting  # noqa: E402
-from fused_dpo.train.models import train_tokenizer  # noqa: E402
+from fused_dpo.train.models import tiny_llama, train_tokenizer  # noqa: E402
 from fused_dpo.train.trainer import DPOTrainer  # noqa: E402
 
 ROWS = synthetic_sorting(40, seed=0)
+WORLD = 2
+RANK_BATCH = 2
+HELD_OUT = RANK_BATCH * WORLD  # pairs: one evaluation batch of the ranks
 
 
 def tied_llama(vocab_size: int):
@@ -43,7 +52,7 @@ def tied_llama(vocab_size: int):
 
 def setup(rows=ROWS):
     tok = train_tokenizer(r[k] for r in rows for k in ("prompt", "chosen", "rejected"))
-    return tok, rows[:32], rows[32:]
+    return tok, rows[:-HELD_OUT], rows[-HELD_OUT:]
 
 
 def config(out: Path, **kw) -> DPOConfig:
@@ -51,12 +60,17 @@ def config(out: Path, **kw) -> DPOConfig:
                         "lr_scheduler": "constant", "warmup_steps": 0, **kw})
 
 
+def reference(out: Path, **kw) -> DPOConfig:
+    """The one-process config of the ranks' runs: each rank's micro-batch, in rank order."""
+    return config(out, batch_size=RANK_BATCH, gradient_accumulation_steps=WORLD, **kw)
+
+
 def tied(out: Path):
     d = distributed.setup("fsdp2")
     tok, train, held = setup()
     model = tied_llama(len(tok))
-    t = DPOTrainer(model, None, tok, train, held, config(out / "run", batch_size=2, parallel="fsdp2"),
-                   dist=d)
+    t = DPOTrainer(model, None, tok, train, held,
+                   config(out / "run", batch_size=RANK_BATCH, parallel="fsdp2"), dist=d)
     tied_after_wrap = model.lm_head.weight is model.model.embed_tokens.weight
     result = t.train(progress=False)
     return {"tied_after_wrap": tied_after_wrap,
@@ -67,23 +81,21 @@ def tied(out: Path):
 def lora(out: Path):
     d = distributed.setup("fsdp2")
     tok, train, held = setup()
-    from fused_dpo.train.models import tiny_llama
-
     t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
-                   config(out / "lora", batch_size=2, parallel="fsdp2", lora_r=4, learning_rate=1e-2),
-                   dist=d)
+                   config(out / "lora", batch_size=RANK_BATCH, parallel="fsdp2", lora_r=4,
+                          learning_rate=1e-2), dist=d)
     return {"rows": t.train(progress=False).get("metrics")}
 
 
 def poison(t, rank: int, step: int, micro: int):
-    """t whose training loss is NaN on `rank` at micro-batch `micro` of `step` (-1: every rank)."""
+    """t whose training loss is NaN on `rank` alone at micro-batch `micro` of `step`."""
     forward, seen = t._forward_loss, {}
 
     def poisoned(*args, **kw):
         loss, *rest = forward(*args, **kw)
         if args[2] == "train":
             k = seen[t.step] = seen.get(t.step, -1) + 1
-            if t.step == step and k == micro and rank in (-1, t.dist.rank):
+            if t.step == step and k == micro and t.dist.rank == rank:
                 loss = loss * float("nan")
         return (loss, *rest)
 
@@ -91,45 +103,55 @@ def poison(t, rank: int, step: int, micro: int):
     return t
 
 
-def nanacc(out: Path, parallel="fsdp2", batch_size=2, rank=1):
-    d = distributed.setup(parallel)
-    tok, train, held = setup()
-    from fused_dpo.train.models import tiny_llama
-
-    t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
-                   config(out / f"nanacc-{parallel}", batch_size=batch_size, parallel=parallel,
-                          gradient_accumulation_steps=2, max_steps=3), dist=d)
-    result = poison(t, rank, step=1, micro=1).train(progress=False)
-    return {"flags": result["flags"], "rows": result.get("metrics")}
-
-
-def nan(out: Path):
-    d = distributed.setup("ddp")
-    tok, train, held = setup()
-    from fused_dpo.train.models import tiny_llama
-
-    t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, None,
-                   config(out / "run", batch_size=2, parallel="ddp", max_steps=3), dist=d)
+def skip(t, step: int):
+    """t whose `step` is skipped before any forward: its first micro-batch's loss is NaN on every
+    rank without a forward, and the pairs of its other micro-batches are drawn as a run that
+    reaches them draws them."""
     forward = t._forward_loss
 
-    def poisoned(*args, **kw):
-        loss, *rest = forward(*args, **kw)
-        if d.rank == 1 and t.step == 1:
-            loss = loss * float("nan")
-        return (loss, *rest)
+    def skipped(*args, **kw):
+        if args[2] != "train" or t.step != step:
+            return forward(*args, **kw)
+        for _ in range(t.config.gradient_accumulation_steps - 1):
+            t._pair_indices(t.config.batch_size * t.dist.world)
+        return torch.tensor(float("nan")), {}, None, 0.0
 
-    t._forward_loss = poisoned
-    result = t.train(progress=False)
-    digest = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]).double().sum().item()
-    return {"flags": result["flags"], "steps": result["steps"], "digests": d.gather(digest),
-            "rows": result.get("metrics")}
+    t._forward_loss = skipped
+    return t
 
+
+def weights_digest(model) -> str:
+    """sha256 of this rank's parameters (its shards under FSDP2), bit for bit."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        p = p.detach()
+        h.update((p.to_local() if hasattr(p, "to_local") else p).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def nan(out: Path, parallel: str):
+    d = distributed.setup(parallel)
+    tok, train, held = setup()
+    runs = {}
+    for how in ("poisoned", "skipped"):
+        t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
+                       config(out / f"nan-{parallel}-{how}", batch_size=RANK_BATCH, parallel=parallel,
+                              gradient_accumulation_steps=2), dist=d)
+        t = poison(t, rank=1, step=1, micro=1) if how == "poisoned" else skip(t, step=1)
+        result = t.train(progress=False)
+        runs[how] = {"flags": result["flags"], "steps": result["steps"], "rows": result.get("metrics"),
+                     "weights": d.gather(weights_digest(t.model))}
+    return runs
+
+
+SCENARIOS = {"tied": tied, "lora": lora, "nan-ddp": partial(nan, parallel="ddp"),
+             "nan-fsdp2": partial(nan, parallel="fsdp2")}
 
 if __name__ == "__main__":
     out = Path(sys.argv[2])
     torch.set_num_threads(1)
     for scenario in sys.argv[1].split(","):  # several in one launch: one start-up paid
-        res = {"tied": tied, "lora": lora, "nan": nan, "nanacc": nanacc}[scenario](out)
+        res = SCENARIOS[scenario](out)
         if distributed.Dist(rank=int(os.environ.get("RANK", "0"))).main:
             (out / f"result-{scenario}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()

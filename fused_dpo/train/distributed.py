@@ -214,6 +214,17 @@ def gradient_sync(wrapped: torch.nn.Module, sync: bool):
     return nullcontext()
 
 
+def discard_micro_batch(wrapped: torch.nn.Module, loss: torch.Tensor, sync: bool) -> None:
+    """End a micro-batch whose step is skipped (a NaN/inf loss on some rank), on every rank. A DDP
+    forward outside no_sync (`sync`: the last micro-batch) arms the reducer for its backward; if that
+    backward never ran, the next backward would fire it: the next step's first micro-batch, inside
+    no_sync, reduced in its place (an extra all-reduce, and sums in another order than a run without
+    the skipped step: issue 19). So it runs here, and its gradients go with the step's. FSDP2 keeps
+    nothing armed across a forward."""
+    if sync and hasattr(wrapped, "no_sync"):  # DDP
+        loss.backward()
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ that also takes FSDP2's sharded gradients: the norm of the
     whole gradient (DTensor shards reduced to one number), then every shard scaled by it."""
