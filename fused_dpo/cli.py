@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ValueError instead of printing usage and exiting: every command's
-    errors end as one `error: ...` line on stderr with exit code 2."""
+    errors end as one `error: ...` line on stderr with exit code 2. No prefix matching
+    (allow_abbrev=False): with it, `--lr 1e-3` was taken as --lr-scheduler and `--max-step 3` as
+    --max-steps; an unknown flag is an error that names the flags it resembles."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        raise ValueError(f"{message} ({self.prog} --help lists the options)")
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            given = [t.split("=")[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+            near = [m for t in given for m in difflib.get_close_matches(t, known, n=2, cutoff=0.85)]
+            if near:
+                hint = f"; did you mean {' or '.join(dict.fromkeys(near))}?"
+        raise ValueError(f"{message}{hint} ({self.prog} --help lists the options)")
 
 
 def _bench_main():
@@ -37,11 +51,24 @@ def _bench_main():
     return None
 
 
+def version() -> str:
+    """`fused-dpo --version`: this package's version, and torch's (what a bug report needs)."""
+    import torch
+
+    from . import __version__
+
+    return f"fused-dpo {__version__} (torch {torch.__version__})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: fused-dpo {train,check,bench} [options]   (fused-dpo COMMAND --help)"
+    usage = ("usage: fused-dpo {train,check,bench} [options]   (fused-dpo COMMAND --help; "
+             "fused-dpo --version)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "check":

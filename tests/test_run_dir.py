@@ -89,7 +89,7 @@ def test_make_run_twice_and_resume_through_the_cli(tmp_path, monkeypatch, capsys
     run = json.loads((second / "run.json").read_text())
     assert run["resumes"] == [{"step": 2, "changed": {"max_steps": [2, 3]}}]
     assert json.loads((second / "config.json").read_text())["max_steps"] == 3
-    assert "--resume at step 2 with max_steps 2 -> 3" in capsys.readouterr().out
+    assert "resuming at step 2; changed: max_steps 2 -> 3" in capsys.readouterr().out
     # An explicit --output-dir that holds a run is refused, in one line, nothing written.
     before = snapshot(first)
     assert cli_main(["--output-dir", "runs/default"] + quick) == 2

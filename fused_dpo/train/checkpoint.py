@@ -11,9 +11,11 @@ the initial policy, or the model the caller passes) and checked against its fing
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,8 +49,52 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
+class NoSpaceError(OSError):
+    """A save that failed for want of disk space, said in one line (torch's own error is a C++
+    assertion and a stack trace) with the last checkpoint that is whole."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    """`state` to `path` atomically: on any failure the previous checkpoint there stays whole.
+    A full disk is a NoSpaceError naming the file and the step of that previous checkpoint."""
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:
+        if not _out_of_space(e):
+            raise
+        step = checkpoint_step(path)
+        last = f"step {step}" if step is not None else "none yet"
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise NoSpaceError(errno.ENOSPC, f"no space left on device writing {path}{free}; last good "
+                                         f"checkpoint: {last}") from e
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT from Python's file, or torch's serializer failing to write into it: its
+    RuntimeError `[enforce fail at inline_container.cc:...] PytorchStreamWriter failed writing
+    file data/0: file write failed` carries no errno, and a full disk is what makes it."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return "inline_container.cc" in text or "PytorchStreamWriter failed writing" in text
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path`, or None when there is none or it cannot be read.
+    Memory-mapped: only the step is read, not the weights."""
+    if not path.is_file():
+        return None
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(s["step"])
+    except Exception:  # a damaged file: no good checkpoint there
+        return None
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -116,9 +162,13 @@ def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     return allowed, {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}
 
 
-def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_reference: bool) -> dict:
+def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_reference: bool,
+                    sources: dict | None = None) -> dict:
     """Refuse to resume checkpoint `s` into the run described by run.json (`run`) with this config
-    and these fingerprints, naming what differs. Returns the changes that are allowed."""
+    and these fingerprints, naming what differs. `sources` (e.g. {"model": ..., "data": ...}) says
+    how this process built its model and data: a --model other than the run's is named as such,
+    not as different data (its tokenizer tokenises the data differently). Returns the changes that
+    are allowed."""
     if s["run_id"] != run["run_id"]:
         raise ValueError(f"--resume: the checkpoint belongs to another run (run id {s['run_id']}; "
                          f"run.json says {run['run_id']}): start again with --overwrite")
@@ -132,7 +182,16 @@ def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_
         raise ValueError(f"--resume: the configuration differs from the checkpoint's in "
                          f"{describe_changes(refused)}{why}; only {', '.join(RESUMABLE_CHANGES)} may change")
     saved = s["fingerprints"]
-    sources = ", ".join(f"--{k} {v}" for k, v in run["sources"].items()) or "sources not recorded"
+    ran = run["sources"]
+    now = sources or {}
+    if "model" in ran and "model" in now and str(now["model"]) != str(ran["model"]) and (
+            saved["data"] != fingerprints["data"] or saved.get("base") != fingerprints.get("base")
+            or (check_reference and saved["reference"] != fingerprints["reference"])):
+        raise ValueError(f"--resume: the model differs from the run's: --model {now['model']} here, "
+                         f"the run was trained from --model {ran['model']} (its tokenizer, weights "
+                         f"and reference are that model's): resume with --model {ran['model']}, "
+                         f"or start a new run")
+    sources = ", ".join(f"--{k} {v}" for k, v in ran.items()) or "sources not recorded"
     if saved["data"] != fingerprints["data"]:
         raise ValueError(f"--resume: the data differs from the run's (fingerprint {fingerprints['data']}, "
                          f"checkpoint {saved['data']}; the run used {sources}): resume with the same "

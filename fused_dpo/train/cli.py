@@ -11,6 +11,7 @@ runs this same command; rank 0 alone prints, and an error names the rank that ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from ..cli import ArgumentParser
+from ..losses import F_DIVERGENCES, LOSS_TYPES
 from . import rundir
-from .config import PRESETS, DPOConfig, read_config_file
+from .config import CHOICES, DEFAULT_MAX_STEPS, PRESETS, DPOConfig, read_config_file
 
 DEFAULT_OUTPUT = Path(DPOConfig().output_dir)
 DEFAULT_SOURCES = {"model": "tiny", "data": "synthetic"}
@@ -45,8 +47,8 @@ def _parse_value(field: dataclasses.Field, text: str):
         return text.lower() in ("true", "1", "yes")
     inner = typing.get_args(base)[0] if typing.get_origin(base) is list else None
     try:
-        if inner is not None:
-            return [inner(x) for x in text.split(",") if x]
+        if inner is not None:  # "sigmoid, sft" is sigmoid,sft
+            return [inner(x.strip()) for x in text.split(",") if x.strip()]
         return base(text)
     except ValueError:
         what = f"a comma-separated list of {_WORD[inner][2:]}s" if inner else _WORD[base]
@@ -71,15 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", choices=["margin-explosion"],
                     help="margin-explosion: the failing configuration next to the fixed one (your "
                          "flags apply to both)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (it is drawn only when stdout and stderr are a terminal)")
     defaults = DPOConfig().to_dict()
     for f in dataclasses.fields(DPOConfig):
-        extra = ("; without this flag a new run goes to the first free one of runs/default, "
-                 "runs/default-2, ..." if f.name == "output_dir" else "")
         ap.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
                         metavar="VALUE", type=lambda s, f=f: _parse_value(f, s),
-                        help=f"DPOConfig.{f.name} (default {defaults[f.name]}{extra})")
+                        help=f"DPOConfig.{f.name} (default {defaults[f.name]}{_HELP.get(f.name, '')})")
     return ap
+
+
+# What --help adds to a field's line; the allowed values come from the library's own constants.
+_HELP = {
+    **{name: f"; one of {', '.join(allowed)}" for name, allowed in CHOICES.items()},
+    "loss_type": f"; one or several, comma-separated, of {', '.join(LOSS_TYPES)}",
+    "f_divergence_type": f"; one of {', '.join(F_DIVERGENCES)}",
+    "max_steps": f": {DEFAULT_MAX_STEPS} steps, or num_epochs epochs when that is set; when both are "
+                 f"set, max_steps wins, as in transformers' Trainer and TRL",
+    "num_epochs": "; passes over the training pairs, used when max_steps is none",
+    "output_dir": "; without this flag a new run goes to the first free one of runs/default, "
+                  "runs/default-2, ...",
+}
 
 
 _NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
@@ -136,15 +150,56 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
                       + " replaces the preset's value")
         cfg = DPOConfig.from_dict({k: v for layer in layers for k, v in layer.items()})
         sources.update({k: getattr(args, k) for k in ("model", "data") if getattr(args, k)})
+        check_sources(sources)
         if not args.resume:
             rundir.check_fresh(out, args.overwrite)
         plans.append((name, cfg, sources))
+    cfg = plans[0][1]
+    if cfg.max_steps is not None and cfg.num_epochs is not None:
+        _say(f"max_steps {cfg.max_steps} and num_epochs {cfg.num_epochs} are both set: max_steps wins "
+             f"(as in transformers' Trainer and TRL)")
     return plans
+
+
+# The files a transformers tokenizer is read from (AutoTokenizer.from_pretrained): at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "tekken.json", "*.model", "*.tiktoken")
+
+
+def check_sources(sources: dict) -> None:
+    """--model and --data name something that exists and is of the right kind, said before any
+    model is loaded or file written (transformers' own errors for an empty folder or one without
+    a tokenizer are "Unrecognized model" and "install sentencepiece or tiktoken")."""
+    data = sources["data"]
+    if data not in ("synthetic", "zen"):
+        p = Path(data)
+        if p.is_dir():
+            raise ValueError(f"--data {data} is a directory; --data is synthetic, zen or a FILE.jsonl")
+        if p.suffix == ".jsonl" and not p.exists():
+            raise ValueError(f"--data {data}: no such file")
+    model = sources["model"]
+    if model in ("tiny", "smollm2"):
+        return
+    p = Path(model)
+    save = "(a folder written by model.save_pretrained and tokenizer.save_pretrained)"
+    if not p.exists():
+        raise ValueError(f"--model {model}: no such directory; --model is tiny, smollm2 or a local "
+                         f"transformers checkpoint directory")
+    if not p.is_dir():
+        raise ValueError(f"--model {model} is a file; a transformers checkpoint is a directory "
+                         f"(config.json, the weights, the tokenizer files) {save}")
+    if not any(p.iterdir()):
+        raise ValueError(f"--model {model} is an empty directory, not a transformers checkpoint {save}")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model {model} has no config.json: not a transformers checkpoint {save}")
+    if not any(any(p.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ValueError(f"--model {model} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                         f"save the tokenizer beside the model (tokenizer.save_pretrained)")
 
 
 def run(args, cfg: DPOConfig, sources: dict) -> dict:
     from . import distributed
-    from .data import load_rows, row_texts
+    from .data import load_rows, pad_id, row_texts
     from .models import load_model
     from .trainer import DPOTrainer
 
@@ -157,19 +212,66 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     n_eval = int(len(rows) * cfg.eval_fraction)
     eval_rows = [rows[i] for i in order[:n_eval]]
     train_rows = [rows[i] for i in order[n_eval:]]
-    model, tok = load_model(sources["model"], row_texts(rows), cfg.seed, precision=cfg.precision,
-                            say=_say)
+    # A bar redrawn with \r is a terminal's: in a log file (`make run > log`) it is one long line.
+    # transformers' own bars (loading weights) follow ours.
+    progress = not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+    with _hf_progress_bars(progress):
+        model, tok = load_model(sources["model"], row_texts(rows), cfg.seed,
+                                precision=cfg.precision, say=_say)
+    pad_id(tok)  # a tokenizer with neither pad nor EOS is refused here, before the run directory
     if torch.cuda.is_available():
         model = model.to(d.device)
     _say(f"model {sources['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters; data {sources['data']}: {len(train_rows)} train / {len(eval_rows)} held-out "
           f"pairs; output {cfg.output_dir}")
     trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources, dist=d)
-    result = trainer.train(resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    try:
+        result = trainer.train(resume=args.resume, progress=progress, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(trainer, args)) from None
     if d.main:
         _summary(result, Path(cfg.output_dir))
     d.barrier()  # no rank exits (torchrun would then stop the others) before the summary is out
     return result
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' progress bars on or off for the block, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after the report of what ran was written; the message says so."""
+
+
+def _interrupted(trainer, args) -> str:
+    """After Ctrl-C: health.md and curves.png for the steps that ran (single process: under
+    torchrun the other ranks may be gone, and the report's collectives would wait for them), and
+    the line that says where the run stands and how to continue it."""
+    out = trainer.out
+    started = trainer.run_id is not None  # set once the run's directory is its own (or resumed)
+    where = f"interrupted at step {trainer.step}" if started else "interrupted before training started"
+    if started and not trainer.dist.enabled and (out / rundir.METRICS).exists():
+        trainer.finish(f"{where} (Ctrl-C)")
+    last = rundir.last_checkpoint_step(out)
+    if last is None and not started:
+        return f"{where}; nothing was written to {out}"
+    if last is None:
+        return (f"{where}; no checkpoint yet (save_steps {trainer.config.save_steps}): "
+                f"`--overwrite --output-dir {out}` starts the run again")
+    alone = args.preset is None and out.resolve() == rundir.latest(DEFAULT_OUTPUT).resolve()
+    resume = "--resume" if alone else f"--resume --output-dir {out}"  # what `--resume` alone finds
+    return f"{where}; last checkpoint step {last}; `{resume}` continues"
 
 
 def _summary(result: dict, out: Path) -> None:
@@ -196,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"failing configuration flagged: {sorted(set(bad['flags'])) or 'nothing'}; "
                   f"fixed configuration flagged: {sorted(set(good['flags'])) or 'nothing'}")
             return 0
+    except Interrupted as e:
+        _say(str(e))
+        return 130  # the shell's code for a command ended by SIGINT
+    except KeyboardInterrupt:
+        _say("interrupted before training started")
+        return 130
     except (ValueError, OSError) as e:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         where = f"rank {rank}: " if rank is not None else ""

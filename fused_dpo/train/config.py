@@ -35,8 +35,10 @@ class DPOConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_steps: int = 300
-    num_epochs: int | None = None  # when set, overrides max_steps
+    # The run's length: max_steps when set (it wins over num_epochs, as in transformers' Trainer
+    # and TRL), else num_epochs passes over the training pairs, else DEFAULT_MAX_STEPS.
+    max_steps: int | None = None
+    num_epochs: int | None = None
     seed: int = 0
     # data
     max_length: int = 64
@@ -89,7 +91,7 @@ class DPOConfig:
         positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length",
                     "logging_steps", "eval_steps", "save_steps", "max_bad_steps")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
@@ -139,6 +141,15 @@ class DPOConfig:
             return None
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
 
+    def total_steps(self, train_pairs: int, global_batch_size: int) -> int:
+        """Optimizer steps of the run: max_steps if set, else num_epochs passes over `train_pairs`
+        in steps of `global_batch_size` pairs (at least one), else DEFAULT_MAX_STEPS."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.num_epochs is not None:
+            return max(1, self.num_epochs * train_pairs // global_batch_size)
+        return DEFAULT_MAX_STEPS
+
     @property
     def effective_batch_size(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
@@ -159,6 +170,8 @@ class DPOConfig:
         """JSON or TOML file of DPOConfig fields."""
         return cls.from_dict(read_config_file(path))
 
+
+DEFAULT_MAX_STEPS = 300  # the run's length when neither max_steps nor num_epochs is set
 
 CHOICES = {
     "loss_reduction": ("mean", "sum"), "lr_scheduler": ("constant", "linear", "cosine"),

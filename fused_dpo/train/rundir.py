@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CKPT, atomic_write_text
+from .checkpoint import CKPT, atomic_write_text, checkpoint_step
 
 METRICS, CONFIG, RUN = "metrics.jsonl", "config.json", "run.json"
 SHARDED = "checkpoint.dcp"  # the folder of a distributed run's sharded checkpoints (sharded.py)
@@ -65,6 +65,20 @@ def clear(out: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+
+
+def last_checkpoint_step(out: Path) -> int | None:
+    """The step of the newest complete checkpoint of the run in `out` (single-process or sharded),
+    or None when it has none (or only a damaged one)."""
+    from . import sharded
+
+    try:
+        target = sharded.latest(out)
+    except ValueError:  # LATEST names a folder that is not whole
+        target = None
+    if target is not None:
+        return int(target.name.removeprefix("step-"))
+    return checkpoint_step(out / CKPT)
 
 
 def numbered(base: Path, n: int) -> Path:

@@ -47,7 +47,7 @@ from .checkpoint import (
     weights_fingerprint,
 )
 from .config import DPOConfig
-from .data import Tokenized, collate, tokenize
+from .data import Tokenized, collate, pad_id, tokenize
 from .distributed import Dist, GlobalBCOState, LogpsModule
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
@@ -82,6 +82,13 @@ class DPOTrainer:
         self.eval_data = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
         if not self.train_data.pairs:
             raise ValueError(f"no usable training pairs ({self.train_data.report()})")
+        if len(self.train_data.pairs) < self.global_batch_size:
+            ranks = f" x {d.world} ranks" if d.world > 1 else ""
+            accum = cfg.gradient_accumulation_steps
+            self._print(f"warning: a step takes {self.global_batch_size} pairs (batch_size "
+                        f"{cfg.batch_size}{ranks}{f' x {accum} accumulation steps' if accum > 1 else ''})"
+                        f" but the training set has {len(self.train_data.pairs)}: every step sees "
+                        f"some pairs twice (lower --batch-size)")
         self.out = Path(cfg.output_dir)
 
         if lora.is_peft_model(model):
@@ -186,10 +193,7 @@ class DPOTrainer:
         return tk
 
     def total_steps(self) -> int:
-        cfg = self.config
-        if cfg.num_epochs is None:
-            return cfg.max_steps
-        return max(1, cfg.num_epochs * len(self.train_data.pairs) // self.global_batch_size)
+        return self.config.total_steps(len(self.train_data.pairs), self.global_batch_size)
 
     @property
     def global_batch_size(self) -> int:
@@ -237,7 +241,7 @@ class DPOTrainer:
     def _batch(self, data: Tokenized, idx: list[int]) -> dict[str, torch.Tensor]:
         """[chosen; rejected]: right-padded (2B, T), or with padding_free one packed row (1, N)
         whose attention_mask holds sequence numbers (`collate_packed`; the heads unpack it)."""
-        b = collate([data.pairs[i] for i in idx], self.tokenizer.pad_token_id,
+        b = collate([data.pairs[i] for i in idx], pad_id(self.tokenizer),
                     packed=self.config.padding_free)
         return {k: v.to(self.device) for k, v in b.items()}
 
@@ -355,6 +359,7 @@ class DPOTrainer:
                 # alone would leave the others waiting in its gradient reduction).
                 if not d.all_true(torch.isfinite(loss)):
                     finite = False
+                    distributed.discard_micro_batch(self.policy_module, loss, micro == accum - 1)
                     break
                 (loss / accum).backward()
             for k, v in {"loss": loss.detach(), **m}.items():
@@ -551,7 +556,8 @@ class DPOTrainer:
             s = load_checkpoint(self.out / CKPT, self.device)
         run = rundir.read_run_json(self.out)
         allowed = check_resumable(s, run, self.config.to_dict(), self.fingerprints,
-                                  check_reference=self.config.reference == "model")
+                                  check_reference=self.config.reference == "model",
+                                  sources=self.sources)
         if d.enabled and s["world_size"] != d.world:
             raise ValueError(f"--resume: the run was trained on {s['world_size']} ranks, this job has "
                              f"{d.world}; the global batch, each rank's data and its RNG states "
@@ -569,10 +575,11 @@ class DPOTrainer:
             atomic_write_text(self.out / rundir.METRICS, "".join(kept))
             if note:
                 print(note)
+            print(f"resuming at step {s['step']}"
+                  + (f"; changed: {describe_changes(allowed)}" if allowed else ""))
+            run["resumes"].append({"step": s["step"], "changed": allowed})  # every resume
+            rundir.write_run_json(self.out, run)
             if allowed:
-                print(f"--resume at step {s['step']} with {describe_changes(allowed)}")
-                run["resumes"].append({"step": s["step"], "changed": allowed})
-                rundir.write_run_json(self.out, run)
                 atomic_write_text(self.out / rundir.CONFIG,
                                   json.dumps(self.config.to_dict(), indent=2) + "\n")
         d.barrier()
