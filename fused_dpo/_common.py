@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -113,12 +114,18 @@ def check_options(reduction: str, temperature: float, softcap: float | None, imp
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and not (
-        isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
-    ):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    for name, value, optional in (("temperature", temperature, False), ("softcap", softcap, True)):
+        if optional and value is None:
+            continue
+        # a bool is an int to Python; a 0-d tensor would need a host sync and is not a constant
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be {'None or ' if optional else ''}a Python int or "
+                            f"float, got {type(value).__name__} {value!r}"
+                            + (" (use float(t) for a 0-d tensor)" if isinstance(value, torch.Tensor)
+                               else ""))
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be {'None or ' if optional else ''}a finite number > 0, "
+                             f"got {value!r}")
 
 
 def upstream_grads(entropy_grad: bool, grad_out, grad_ext):
@@ -182,6 +189,12 @@ def check_targets(
             raise TypeError(f"{name} has dtype {t.dtype}; expected torch.int32 or torch.int64")
     if response_mask is not None and response_mask.dtype not in MASK_DTYPES:
         raise TypeError(f"response_mask has dtype {response_mask.dtype}; expected bool, int or float")
+    if response_mask is not None and response_mask.requires_grad:
+        # the fused backward has no mask gradient; silently returning none would be wrong
+        raise ValueError(
+            "response_mask requires grad, but masks are constant weights here: no gradient flows "
+            "to them. Pass response_mask.detach(), or for differentiable token weights take "
+            "per-token log-probs (reduction='none') and weight them yourself")
     if labels is not None:
         return Targets(labels, None, ignore_index, ids_name)
     return Targets(input_ids, response_mask, None, ids_name)
@@ -261,3 +274,30 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run the body with at most `n` torch intra-op threads on the calling thread, then restore
+    the count (n <= 0, or n at or above the current count: no change).
+
+    Thread safety: under torch's OpenMP backend (its Linux and macOS builds) the count is per
+    calling thread, so threads running torch meanwhile keep theirs. Process-wide, torch also
+    records n as the count that a thread picks up at its first parallel op: a thread that starts
+    its first one while the body runs keeps n. A torch.set_num_threads in the body is undone at
+    exit. Under the native backend the count is fixed once work has started: no change.
+    """
+    before = torch.get_num_threads()
+    if n <= 0 or n >= before or not _openmp_backend():
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

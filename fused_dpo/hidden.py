@@ -27,7 +27,15 @@ import os
 import torch
 
 from . import _common
-from .logps import _acc_dtype, fake_outputs, seq_reduce, stats_rows, token_grads
+from .logps import (
+    _acc_dtype,
+    fake_outputs,
+    first_order_only,
+    functorch_wrapped,
+    seq_reduce,
+    stats_rows,
+    token_grads,
+)
 from .packed import boundary_targets, check_cu_seqlens
 from .parallel import all_reduce_sum, vocab_shard
 from .reference import get_logps_from_hidden_reference
@@ -48,7 +56,7 @@ def _compute_dtype(hidden: torch.Tensor, head_dtype: torch.dtype | None) -> torc
     if head_dtype is not None:
         return head_dtype
     dev = hidden.device.type
-    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+    if hidden.dtype != torch.float64 and dev != "meta" and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return hidden.dtype
 
@@ -333,32 +341,52 @@ logps_from_hidden_op.register_autograd(_op_backward, setup_context=_setup_contex
 
 
 class _HiddenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, mask, *args):
-        *args, with_stats, entropy_grad, cu_seqlens, shard = args
-        out, counts, bad, stats, ext, idx = _hidden_forward(hidden, weight, bias, labels, mask,
-                                                            *args, with_stats, cu_seqlens, shard)
-        ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts, cu_seqlens)
-        ctx.shard = shard
-        ctx.idx = idx  # the scored rows: the backward needs no second host sync to find them
-        ctx.args = args
-        ctx.entropy_grad = entropy_grad
-        ctx.mark_non_differentiable(counts, bad, *(() if entropy_grad or ext is None else (ext,)))
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
-        return out, counts, bad, ext
+    """Forward and setup_context apart (torch.func.grad / vjp need it); the stats bundle is an
+    output (non-differentiable) so that setup_context can save it, and so are the scored rows
+    the forward found (the backward needs no second host sync to find them)."""
 
     @staticmethod
-    def backward(ctx, grad_out, _gc, _gb, grad_ext):
+    def forward(hidden, weight, bias, labels, mask, *args):
+        *args, with_stats, _entropy_grad, cu_seqlens, shard = args
+        out, counts, bad, stats, ext, idx = _hidden_forward(hidden, weight, bias, labels, mask,
+                                                            *args, with_stats, cu_seqlens, shard)
+        return out, counts, bad, ext, stats, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, mask, *args = inputs
+        *args, _with_stats, entropy_grad, cu_seqlens, shard = args
+        _out, counts, bad, ext, stats, idx = output
+        ctx.save_for_backward(hidden, weight, bias, labels, mask, stats, counts, cu_seqlens, idx)
+        ctx.shard = shard
+        ctx.args = tuple(args)
+        ctx.entropy_grad = entropy_grad
+        ctx.mark_non_differentiable(counts, bad, stats, *(() if idx is None else (idx,)),
+                                    *(() if entropy_grad or ext is None else (ext,)))
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
+
+    @staticmethod
+    def backward(ctx, grad_out, _gc, _gb, grad_ext, _gs, _gi):
         grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
         if grads is None:
             return (None,) * 18
         grad_out, ge = grads
-        hidden, weight, bias, labels, mask, stats, counts, cu_seqlens = ctx.saved_tensors
+        hidden, weight, bias, labels, mask, stats, counts, cu_seqlens, idx = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats, counts,
-                                      *ctx.args, need_h, need_w, need_b, idx=ctx.idx,
-                                      grad_entropy=ge, cu_seqlens=cu_seqlens, shard=ctx.shard)
-        return (dh, dW, db) + (None,) * 15
+        with torch.no_grad():  # under create_graph: nothing of the kernels' temporaries recorded
+            if functorch_wrapped(hidden) and ctx.shard is None:  # torch.func: the op unwraps
+                grads = logps_from_hidden_backward_op(grad_out, hidden, weight, bias, labels,
+                                                      mask, stats, counts, *ctx.args, need_h,
+                                                      need_w, need_b, ge, cu_seqlens)
+                dh, dW, db = (g if need else None
+                              for g, need in zip(grads, (need_h, need_w, need_b), strict=True))
+            else:
+                dh, dW, db = _hidden_backward(grad_out, hidden, weight, bias, labels, mask, stats,
+                                              counts, *ctx.args, need_h, need_w, need_b, idx=idx,
+                                              grad_entropy=ge, cu_seqlens=cu_seqlens,
+                                              shard=ctx.shard)
+        return first_order_only("get_logps_from_hidden", (hidden, weight, bias),
+                                (dh, dW, db)) + (None,) * 15
 
 
 @torch.compiler.disable
@@ -467,13 +495,16 @@ def get_logps_from_hidden(
     V = weight.shape[0]
     tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
                                ignore_index, "hidden")
-    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "weight")
+    if impl == "reference" and process_group is not None:  # before the layout's all-gather
+        raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "weight",
+                        device=hidden.device, targets=tg, validate=validate)
+    on_meta = hidden.device.type == "meta"  # shapes only: the fake kernels, nothing to validate
+    validate = validate and not on_meta
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T, hidden.device, "hidden", validate)
         tg = boundary_targets(tg, cu_seqlens, int(shift))
     if impl == "reference":
-        if shard is not None:
-            raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
         if validate:
             _common.raise_bad_labels(tg, V, int(shift))
         return get_logps_from_hidden_reference(
@@ -487,14 +518,14 @@ def get_logps_from_hidden(
             reduction, impl, _compute_dtype(hidden, head_dtype), chunk_size or 0, bool(compact),
             bool(stats), bool(entropy_grad))
     if shard is not None:
-        out, counts, bad, ext = _apply_eager(hidden, weight, bias, tg.labels, tg.mask, *args,
-                                             cu_seqlens, shard)
-    elif torch.compiler.is_compiling():
+        out, counts, bad, ext, _stats, _idx = _apply_eager(hidden, weight, bias, tg.labels,
+                                                           tg.mask, *args, cu_seqlens, shard)
+    elif torch.compiler.is_compiling() or on_meta:
         out, counts, bad, _stats, ext = logps_from_hidden_op(hidden, weight, bias, tg.labels,
                                                              tg.mask, *args, cu_seqlens)
     else:
-        out, counts, bad, ext = _HiddenLogps.apply(hidden, weight, bias, tg.labels, tg.mask, *args,
-                                                   cu_seqlens, None)
+        out, counts, bad, ext, _stats, _idx = _HiddenLogps.apply(hidden, weight, bias, tg.labels,
+                                                                 tg.mask, *args, cu_seqlens, None)
     if validate:
         _common.check_bad_count(bad, tg, shard.size if shard is not None else V, s)
     if stats:

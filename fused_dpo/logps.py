@@ -169,36 +169,92 @@ logps_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 # ---- eager: the same implementation behind a plain autograd.Function ---------------------------
 
-class _Logps(torch.autograd.Function):
+class _NoDoubleBackward(torch.autograd.Function):
+    """The identity on a backward's results, whose own backward raises: what the fused ops'
+    backwards return when autograd records them (create_graph=True, torch.func), so that a
+    second differentiation fails with a clear message instead of inside the kernels' in-place
+    temporaries. The anchors (the saved inputs that require grad) tie it into the graph."""
+
     @staticmethod
-    def forward(ctx, logits, labels, mask, shift, ignore_index, temperature, softcap, reduction,
-                impl, with_stats, entropy_grad, inplace_backward, cu_seqlens=None, shard=None):
+    def forward(what, n_anchors, *tensors):
+        return tuple(t.view_as(t) for t in tensors[n_anchors:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.what = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            f"fused_dpo.{ctx.what} has no double backward: its backward runs fused kernels that "
+            "are not differentiable themselves (create_graph=True followed by a second backward, "
+            "nested torch.func.grad, a gradient penalty through it). For higher-order gradients use "
+            "impl='reference', the eager formula.")
+
+
+def functorch_wrapped(t: torch.Tensor) -> bool:
+    """True for a torch.func (functorch) wrapper: a backward under torch.func.grad / vjp sees
+    its saved tensors so wrapped, and a Triton launch cannot read them (no storage); the
+    torch.library backward op unwraps them through the dispatcher."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def first_order_only(what: str, anchors, grads: tuple) -> tuple:
+    """`grads` (a backward's results, None where not needed) routed through _NoDoubleBackward
+    when grad mode is on in the backward, i.e. when autograd records it; else as they are."""
+    if not torch.is_grad_enabled():  # a plain backward: nothing recorded, nothing to do
+        return grads
+    anchors = [a for a in anchors if a is not None and a.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not (anchors and present):
+        return grads
+    wrapped = iter(_NoDoubleBackward.apply(what, len(anchors), *anchors, *present))
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
+class _Logps(torch.autograd.Function):
+    """Forward and setup_context apart (torch.func.grad / vjp need it); the stats bundle is an
+    output (non-differentiable) so that setup_context can save it."""
+
+    @staticmethod
+    def forward(logits, labels, mask, shift, ignore_index, temperature, softcap, reduction,
+                impl, with_stats, entropy_grad, inplace_backward, cu_seqlens, shard):
         out, counts, bad, stats, ext = _forward(logits, labels, mask, shift, ignore_index,
                                                 temperature, softcap, reduction, impl, with_stats,
                                                 cu_seqlens, shard)
+        return out, counts, bad, ext, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (logits, labels, _mask, shift, _ii, temperature, softcap, reduction, impl, _ws,
+         entropy_grad, inplace_backward, cu_seqlens, shard) = inputs
+        _out, counts, bad, ext, stats = output
         ctx.save_for_backward(logits, labels, stats, counts, cu_seqlens)
         ctx.args = (shift, temperature, softcap, reduction, impl)
         ctx.shard = shard
         ctx.inplace_backward = inplace_backward
         ctx.entropy_grad = entropy_grad
-        ctx.mark_non_differentiable(counts, bad, *(() if entropy_grad or ext is None else (ext,)))
+        ctx.mark_non_differentiable(counts, bad, stats,
+                                    *(() if entropy_grad or ext is None else (ext,)))
         ctx.set_materialize_grads(False)  # no zero-filled gradients for counts / bad
-        return out, counts, bad, ext
 
     @staticmethod
-    def backward(ctx, grad_out, _gc, _gb, grad_ext):
+    def backward(ctx, grad_out, _gc, _gb, grad_ext, _gs):
         grads = _common.upstream_grads(ctx.entropy_grad, grad_out, grad_ext)
         if grads is None:
             return (None,) * 14
         grad_out, ge = grads
         logits, labels, stats, counts, cu_seqlens = ctx.saved_tensors
-        if ctx.inplace_backward:
-            grad = logits
-        else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad, ge, cu_seqlens,
-                  ctx.shard)
-        return (grad,) + (None,) * 13
+        with torch.no_grad():  # under create_graph: nothing of the kernels' temporaries recorded
+            if functorch_wrapped(logits) and ctx.shard is None:  # torch.func: the op unwraps
+                grad = logps_backward_op(grad_out, logits, labels, stats, counts, *ctx.args, ge,
+                                         cu_seqlens)
+            else:
+                grad = logits if ctx.inplace_backward else torch.empty(
+                    logits.shape, dtype=logits.dtype, device=logits.device)
+                _backward(grad_out, logits, labels, stats, counts, *ctx.args, grad, ge,
+                          cu_seqlens, ctx.shard)
+        return first_order_only("get_logps", (logits,), (grad,)) + (None,) * 13
 
 
 @torch.compiler.disable
@@ -257,7 +313,9 @@ def get_logps(
         logits: (B, T, V) float32 / bfloat16 / float16 (float64 for tests), any strides.
         input_ids: (B, T) int32/int64 token ids.
         response_mask: (B, T) bool/int/float, nonzero at response tokens; its values weight the
-            tokens. None counts every position.
+            tokens. None counts every position. A constant: a mask that requires grad is refused
+            (ValueError), as no gradient would reach it; for differentiable token weights take
+            reduction="none" and weight the per-token log-probs.
         labels: (B, T) ids in the HF/TRL convention instead of input_ids + response_mask: aligned
             with input_ids, `ignore_index` marks positions that do not count.
         shift: True (default) scores position t with token t+1; False with token t.
@@ -295,14 +353,21 @@ def get_logps(
             are checked (0 first, total_T last, non-decreasing; one host sync).
         process_group: vocab-parallel (Megatron tensor parallelism): logits (B, T, V_local) hold
             this rank's contiguous vocab shard, columns [vocab_start, vocab_start + V_local);
-            every rank of the group passes the same ids / mask / labels and gets the same,
-            global, result. Forward: the local row pass, then one MAX and one SUM all-reduce of
-            the rows' (max, sum-exp, label logit, statistics' partials); backward: the local
-            logits gradient, no communication. Eager only (a graph break under torch.compile);
-            impl "reference" is refused.
-        vocab_start: global id of this rank's first column; default rank * V_local. Passing it
-            needs vocab_size.
-        vocab_size: the global vocabulary size; default world_size * V_local. Columns whose
+            the widths may differ across ranks (DTensor's Shard(0): V = 100 over 3 ranks is
+            34, 34, 32). Every rank of the group passes the same ids / mask / labels and gets
+            the same, global, result. First one small all-gather of every rank's layout (its
+            width, vocab_start, vocab_size and, with validate, a fingerprint of its ids and
+            mask; one host sync): shards that overlap or leave a gap, or ranks that disagree,
+            raise the same ValueError on every rank. Forward: the local row pass, then one MAX
+            and one SUM all-reduce of the rows' (max, sum-exp, label logit, statistics'
+            partials); backward: the local logits gradient, no communication. Eager only (a
+            graph break under torch.compile); impl "reference" is refused.
+        vocab_start: global id of this rank's first column; default the sum of the widths of
+            the lower ranks (rank * V_local for equal shards). Passing it needs vocab_size, on
+            every rank. With validate=False and both given, the all-gather is skipped (no
+            sync): the layout is trusted, and a label that no shard or two shards hold gives
+            NaN.
+        vocab_size: the global vocabulary size; default the sum of the widths. Columns whose
             global id is >= vocab_size (the last shard's padding) are ignored, their gradient 0.
 
     Returns:
@@ -311,6 +376,12 @@ def get_logps(
         log_sum_sq_probs, mean_logits, is_top1), None for the statistics not asked for.
         Non-response positions are never read, so NaN there is ignored; NaN or inf in a
         response row gives NaN for that sequence.
+
+    Autograd: first-order gradients, also under `torch.func.grad` / `torch.func.vjp` and with
+    `create_graph=True`; differentiating the gradient again (double backward, a gradient
+    penalty, nested torch.func.grad) raises a RuntimeError: use impl="reference" for that.
+    vmap (and jacrev / hessian, built on it) is not supported. Meta-device inputs run the fake
+    kernels: outputs and gradients with the right shapes and dtypes, no validation.
     """
     _common.check_float("logits", logits, 3)
     _common.check_options(reduction, temperature, softcap, impl)
@@ -320,15 +391,18 @@ def get_logps(
         raise ValueError(f"logits has shape {tuple(logits.shape)}; need V >= 1")
     tg = _common.check_targets((B, T), logits.device, input_ids, response_mask, labels,
                                ignore_index, "logits")
-    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "logits")
+    if impl == "reference" and process_group is not None:  # before the layout's all-gather
+        raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "logits",
+                        device=logits.device, targets=tg, validate=validate)
+    on_meta = logits.device.type == "meta"  # shapes only: the fake kernels, nothing to validate
+    validate = validate and not on_meta
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T, logits.device, "logits", validate)
         tg = boundary_targets(tg, cu_seqlens, int(shift))
     if impl == "reference":
         if inplace_backward:
             raise ValueError("impl='reference' has no in-place backward; use impl='triton'/'torch'")
-        if shard is not None:
-            raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
         if validate:
             _common.raise_bad_labels(tg, V, int(shift))
         return get_logps_reference(
@@ -345,19 +419,19 @@ def get_logps(
     softcap = float(softcap) if softcap is not None else None
     with_stats, entropy_grad = bool(stats), bool(entropy_grad)
     if shard is not None:
-        out, counts, bad, ext = _apply_eager(logits, tg.labels, tg.mask, s, tg.ignore_index,
-                                             float(temperature), softcap, reduction, impl,
-                                             with_stats, entropy_grad, inplace_backward,
-                                             cu_seqlens, shard)
-    elif torch.compiler.is_compiling():
+        out, counts, bad, ext, _stats = _apply_eager(logits, tg.labels, tg.mask, s,
+                                                     tg.ignore_index, float(temperature), softcap,
+                                                     reduction, impl, with_stats, entropy_grad,
+                                                     inplace_backward, cu_seqlens, shard)
+    elif torch.compiler.is_compiling() or on_meta:
         out, counts, bad, _stats, ext = logps_op(logits, tg.labels, tg.mask, s, tg.ignore_index,
                                                  float(temperature), softcap, reduction, impl,
                                                  with_stats, entropy_grad, cu_seqlens)
     else:
-        out, counts, bad, ext = _Logps.apply(logits, tg.labels, tg.mask, s, tg.ignore_index,
-                                             float(temperature), softcap, reduction, impl,
-                                             with_stats, entropy_grad, inplace_backward,
-                                             cu_seqlens)
+        out, counts, bad, ext, _stats = _Logps.apply(logits, tg.labels, tg.mask, s,
+                                                     tg.ignore_index, float(temperature), softcap,
+                                                     reduction, impl, with_stats, entropy_grad,
+                                                     inplace_backward, cu_seqlens, None)
     if validate:
         _common.check_bad_count(bad, tg, shard.size if shard is not None else V, s)
     if with_stats:

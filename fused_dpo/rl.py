@@ -90,9 +90,10 @@ def token_logps_and_entropy(
         impl, validate: as in `get_logps`.
         process_group, vocab_start, vocab_size: vocab-parallel (GRPO/PPO under tensor
             parallelism), as in `get_logps`: logits (..., V_local) are this rank's contiguous
-            shard, global columns [vocab_start, vocab_start + V_local) (default rank * V_local);
-            vocab_size is the global V (default world_size * V_local; columns at or past it, the
-            last shard's padding, are ignored, their gradient 0). Every rank passes the same
+            shard, global columns [vocab_start, vocab_start + V_local) (default: after the
+            lower ranks' shards, whose widths may differ); vocab_size is the global V (default
+            the sum of the widths; columns at or past it, the last shard's padding, are
+            ignored, their gradient 0). Every rank passes the same
             index and row_mask and gets the same, global, log-probs and entropy; the logits
             gradient is this shard's columns (no communication in the backward). Eager only;
             impl "reference" is refused.

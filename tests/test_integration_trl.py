@@ -263,6 +263,33 @@ def test_logits_path_falls_back_for_top_k():
     assert fused_trl.call_counts() == {"fallback:selective_log_softmax": 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_logits_path_returns_float32_for_half_logits(dtype):
+    """The chosen dtype contract (see the integration's docstring): patched, the logits path
+    returns float32 for fp16/bf16 logits, as TRL's kernels do, where TRL's CPU fallback returns
+    the input dtype (so TRL's own test_selective_log_softmax[float16/bfloat16], which asserts
+    the input dtype, fails patched for this reason alone). The float32 result is the more
+    exact one: it is never further from float64 truth than TRL's half-precision one."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 9, 37, generator=g) * 3).to(dtype)
+    idx = torch.randint(0, 37, (3, 9), generator=g)
+    logp = x.double().log_softmax(-1)
+    truth_lp = logp.gather(-1, idx[..., None])[..., 0]
+    truth_ent = -(logp.exp() * logp).sum(-1)
+    stock = (trl_utils.selective_log_softmax(x, idx),
+             *trl_utils.selective_log_softmax_and_entropy(x, idx))
+    fused_trl.patch()
+    ours = (trl_utils.selective_log_softmax(x, idx),
+            *trl_utils.selective_log_softmax_and_entropy(x, idx))
+    assert fused_trl.call_counts() == {"selective_log_softmax": 1,
+                                       "selective_log_softmax_and_entropy": 1}
+    for name, o, s, t in zip(("selective_log_softmax", "logps", "entropy"), ours, stock,
+                             (truth_lp, truth_lp, truth_ent), strict=True):
+        assert s.dtype == dtype, (name, s.dtype)  # TRL's CPU path: the input dtype
+        assert o.dtype == torch.float32, (name, o.dtype)  # ours: float32, as TRL's kernels
+        _check(o, s, t, name)
+
+
 @pytest.mark.parametrize("outputs", [OUTPUTS, ("log_probs",), ("log_probs", "entropy", "is_top1")],
                          ids=["all", "logps", "ent-top1"])
 @pytest.mark.parametrize("temperature,softcap,scale", [
@@ -373,6 +400,50 @@ class FakeZeRO3:
             yield
         finally:
             self._partition()
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["stock", "patched"])
+def test_head_backward_twice_with_retain_graph(patched):
+    """backward(retain_graph=True) and a second backward through the fused head: twice the
+    gradients of one, as stock TRL gives; a third backward without a retained graph fails as
+    any freed autograd graph does."""
+    model, ids, labels = _fused_model()
+    once = copy.deepcopy(model)
+    if patched:
+        fused_trl.patch()
+    for m, n in ((once, 1), (model, 2)):
+        out = m(input_ids=ids, labels=labels, fused_lm_head=True)
+        loss = out.loss + 0.1 * out.entropy.sum()  # the entropy's gradient too
+        for i in range(n):
+            loss.backward(retain_graph=i < n - 1)
+    if patched:
+        assert fused_trl.call_counts() == {"chunked_logprob": 2}
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    for (name, p), q in zip(model.named_parameters(), once.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_head_double_backward_raises_clearly():
+    """create_graph=True through the patched head gives the first-order gradient; differentiating
+    it again raises fused_dpo's error, not a silent gradient that treats it as a constant
+    (stock TRL's head refuses create_graph=True itself, in its mm(..., out=))."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(7, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    idx = torch.randint(0, 11, (7,), generator=g)
+    fused_trl.patch()
+    head = lambda: trl_utils._ChunkedLogProbFunction.apply(  # noqa: E731
+        h, w, None, idx, 1.0, 32, None, 1.0, ("log_probs", "entropy"))
+    out = head()
+    plain, = torch.autograd.grad(out[0].sum() + out[1].sum(), h)
+    out = head()
+    gh, = torch.autograd.grad(out[0].sum() + out[1].sum(), h, create_graph=True)
+    torch.testing.assert_close(gh, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="get_logps_from_hidden has no double backward"):
+        (gh**2).sum().backward()
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["stock", "patched"])

@@ -33,7 +33,9 @@ def _truth_and_eager(logits, ids, mask, **kw):
 @pytest.mark.parametrize(
     "temp_cap", [(1.0, None), (0.7, None), (1.0, 5.0), (1.3, 3.0)], ids=lambda p: f"t{p[0]}-c{p[1]}"
 )
-@pytest.mark.parametrize("shape", [(3, 47, 123), (2, 9, 257)], ids=lambda s: "B{}-T{}-V{}".format(*s))
+# T = 17: every row takes the same code path, and the interpreter's time grows with the rows
+# (T = 47 took three times as long)
+@pytest.mark.parametrize("shape", [(3, 17, 123), (2, 9, 257)], ids=lambda s: "B{}-T{}-V{}".format(*s))
 def test_matches_float64_truth(impl, dtype, reduction, temp_cap, shape, device):
     temperature, softcap = temp_cap
     logits, ids, mask = make_inputs(*shape, dtype, device)
@@ -48,16 +50,22 @@ def test_matches_float64_truth(impl, dtype, reduction, temp_cap, shape, device):
     assert_close_to_truth(grad, e_grad, t_grad, TOL[dtype] + round_tol, "grad")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, block_v", [("triton", None), ("triton", 8), ("torch", None)],
+                         ids=["triton", "triton-blocks8", "torch"])
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_gradcheck_float64(impl, softcap, reduction, device):
+def test_gradcheck_float64(impl, block_v, softcap, reduction, set_blocks, device):
+    if block_v:
+        set_blocks(block_v)  # V = 11 in two vocabulary blocks, the second partial
     logits, ids, mask = make_inputs(2, 5, 11, torch.float64, device)
     x = logits.clone().requires_grad_(True)
     fn = lambda t: get_logps(t, ids, mask, impl=impl, softcap=softcap, temperature=0.8,
                              reduction=reduction)
     # The kernels take temperature/softcap as float32 scalars: consistent, so 1e-6 is plenty.
-    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
+    # Triton in fast_mode (finite differences along random directions): the full Jacobian takes
+    # 10-60 s a case in the interpreter, and one gradient element off by 1e-5 fails either mode.
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=impl == "triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -205,6 +213,10 @@ BAD = [
     ("impl", lambda L, ids, M: get_logps(L, ids, M, impl="cuda"), ValueError, "'cuda'"),
     ("temperature", lambda L, ids, M: get_logps(L, ids, M, temperature=0), ValueError, "temperature"),
     ("softcap", lambda L, ids, M: get_logps(L, ids, M, softcap=-1.0), ValueError, "softcap"),
+    ("temperature-tensor", lambda L, ids, M: get_logps(L, ids, M, temperature=torch.tensor(0.7)),
+     TypeError, r"temperature must be a Python int or float, got Tensor tensor\(0.7"),
+    ("softcap-bool", lambda L, ids, M: get_logps(L, ids, M, softcap=True), TypeError,
+     "softcap must be None or a Python int or float, got bool"),
     ("both", lambda L, ids, M: get_logps(L, ids, M, labels=ids), ValueError, "not both"),
     ("neither", lambda L, ids, M: get_logps(L), ValueError, "input_ids"),
     ("not tensor", lambda L, ids, M: get_logps(L.tolist(), ids, M), TypeError, "torch.Tensor"),
@@ -229,17 +241,26 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         _common.backend("triton", torch.device("cpu"))
 
 
-@pytest.fixture(params=[1, 2, 4], ids=lambda r: f"rows{r}")
-def small_blocks(monkeypatch, request):
-    """Several vocabulary blocks per row (BLOCK_V 128), as realistic vocabularies have on a GPU;
-    one row per program, or several (FUSED_DPO_ROWS: the [rows, block] tile kernel)."""
+@pytest.fixture
+def set_blocks(monkeypatch):
+    """set_blocks(block_v, rows=1): for one test, the vocabulary block and rows per program that
+    FUSED_DPO_BLOCK_V / FUSED_DPO_ROWS set at import."""
     from fused_dpo.kernels import logps as K
 
-    monkeypatch.setattr(K, "_BLOCK_V", 128)
-    monkeypatch.setattr(K, "_ROWS", request.param)
+    def set_(block_v, rows=1):
+        monkeypatch.setattr(K, "_BLOCK_V", block_v)
+        monkeypatch.setattr(K, "_ROWS", rows)
+        K.launch_config.cache_clear()
+
+    yield set_
     K.launch_config.cache_clear()
-    yield
-    K.launch_config.cache_clear()
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda r: f"rows{r}")
+def small_blocks(set_blocks, request):
+    """Several vocabulary blocks per row (BLOCK_V 128), as realistic vocabularies have on a GPU;
+    one row per program, or several (FUSED_DPO_ROWS: the [rows, block] tile kernel)."""
+    set_blocks(128, request.param)
 
 
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap"])

@@ -126,7 +126,7 @@ def _hidden_case(rank, world, group, *, impl, sizes=None, seed=0, **kw):
 
 def _errors(rank, world, group):
     logits = torch.randn(1, 5, 12)
-    ids = torch.randint(0, V, (1, 5))
+    ids = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(0))  # same on every rank
     for kw, err, msg in [
         (dict(process_group="world"), TypeError, "ProcessGroup, got str"),
         (dict(process_group=group, vocab_start=3), ValueError, "needs vocab_size"),
@@ -145,12 +145,16 @@ def _errors(rank, world, group):
     # ... and NaN, never a number, without validation
     assert get_logps(logits, bad, process_group=group, vocab_size=V, impl="torch",
                      validate=False).isnan().all()
-    # a label inside vocab_size that no shard holds (the shards, 12 columns each from rank * 12,
-    # leave a gap before vocab_size): NaN, not a log-prob missing its label's logit
+    # vocab ids inside vocab_size that no shard holds (the shards, 12 columns each from rank * 12,
+    # leave a gap before vocab_size): the same error on every rank ...
     gap = torch.full((1, 5), 1)
     gap[0, 3] = 12 * world + 1
-    out = get_logps(logits, gap, process_group=group, vocab_size=12 * world + 5, impl="torch",
-                    reduction="none")
+    with pytest.raises(ValueError, match="are in no shard"):
+        get_logps(logits, gap, process_group=group, vocab_size=12 * world + 5, impl="torch")
+    # ... and with the layout trusted (validate=False, starts given): NaN at the label no shard
+    # holds, not a log-prob missing its label's logit
+    out = get_logps(logits, gap, process_group=group, vocab_start=12 * rank,
+                    vocab_size=12 * world + 5, impl="torch", reduction="none", validate=False)
     assert out[0, 2].isnan() and out[0, [0, 1, 3]].isfinite().all(), out
 
 

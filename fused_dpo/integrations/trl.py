@@ -63,9 +63,18 @@ Contracts kept (TRL's -> ours):
   A stat whose gradient never arrives costs nothing in the backward.
 - Row masks skip rows (0 in both outputs) and are not weights: a float `row_mask` is used as
   `row_mask != 0`, as TRL does.
-- Log-probs and entropy are float32, as TRL's CUDA kernels return them (its CPU fallback of
-  `selective_log_softmax` returns bf16 for bf16 logits); float64 inputs (tests) give float64,
-  where TRL's hidden-state kernel would give float32.
+- Output dtype (a deliberate difference): log-probs and entropy are float32 for float32, bf16 and
+  fp16 inputs, as TRL's own kernels (CUDA, and the fused head) return them; TRL's CPU fallback of
+  `selective_log_softmax` / `selective_log_softmax_and_entropy` returns the input dtype, bf16 for
+  bf16 logits. float32 is the more exact of the two (a bf16 log-prob carries ~3 significant
+  digits); TRL's own `test_selective_log_softmax[float16]` / `[bfloat16]`, which assert the input
+  dtype, fail patched for this reason alone. float64 inputs (tests) give float64, where TRL's
+  hidden-state kernel would give float32.
+- `backward(retain_graph=True)` and then another backward through the patched head work as in
+  stock TRL (the gradients add up); the inner graph is freed with the head's node after a
+  backward that does not retain it. Double backward (`create_graph=True`, then differentiating
+  the gradient) is not supported by fused_dpo's ops and raises a RuntimeError saying so (stock
+  TRL's head fails on `create_graph=True` already, in its `mm(..., out=)`).
 - TRL's `chunk_size` (vocab columns per tile) is not used: fused_dpo picks its own
   (`patch(chunk_size=...)` overrides it).
 - What fused_dpo does not take is left to TRL's original, counted as a fallback in
@@ -202,7 +211,8 @@ def _skip_mask(row_mask):
 def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
     """`trl.trainer.utils.selective_log_softmax` computed by `fused_dpo.get_logps` (installed by
     `patch()`): log_softmax(logits / temperature) at `index`, (...) like index, 0 where
-    row_mask == 0."""
+    row_mask == 0. float32 for bf16/fp16 logits, where TRL's CPU code returns the input dtype
+    (see "Output dtype" in the module docstring)."""
     if not _logits_fit(logits, index, row_mask):
         _calls["fallback:selective_log_softmax"] += 1
         return _originals["selective_log_softmax"](logits, index, temperature, row_mask)
@@ -220,7 +230,8 @@ def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
 def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0,
                                       row_mask=None):
     """`trl.trainer.utils.selective_log_softmax_and_entropy` computed by
-    `fused_dpo.token_logps_and_entropy` (installed by `patch()`)."""
+    `fused_dpo.token_logps_and_entropy` (installed by `patch()`); float32 for bf16/fp16 logits,
+    as `selective_log_softmax`."""
     if not _logits_fit(logits, index, row_mask):
         _calls["fallback:selective_log_softmax_and_entropy"] += 1
         return _originals["selective_log_softmax_and_entropy"](logits, index, entropy_requires_grad,
@@ -264,7 +275,12 @@ class _GatherHeadInBackward(torch.autograd.Function):
     of the head (a partitioned weight is empty again by the time the backward runs), as TRL's
     ChunkedLogProbFunction does. The op's graph is built inside the forward on the head itself
     (not a detached alias, which would keep the gathered weight alive until the backward) and
-    differentiated with torch.autograd.grad."""
+    differentiated with torch.autograd.grad.
+
+    The inner graph lives in this node's saved tensors (its outputs and the hidden-state leaf,
+    not ctx attributes), so autograd decides its lifetime: freed with this node's saved tensors
+    after a backward, kept by `backward(retain_graph=True)` for another one (TRL's head supports
+    both)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, logit_scale, stats):
@@ -272,7 +288,7 @@ class _GatherHeadInBackward(torch.autograd.Function):
         with torch.enable_grad():
             logps, vals = _score_rows(h, weight, bias, targets, temperature, softcap, logit_scale,
                                       stats, entropy_grad="entropy" in stats)
-        ctx.inner = (h, logps, vals.get("entropy"))
+        ctx.save_for_backward(h, logps, vals.get("entropy"))
         ctx.head = (weight, bias)
         ctx.set_materialize_grads(False)
         out = _trl_tuple(logps.detach(), {k: v.detach() for k, v in vals.items()})
@@ -281,11 +297,8 @@ class _GatherHeadInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, *_):
-        if ctx.inner is None:
-            raise RuntimeError("fused_dpo.integrations.trl: the log-prob graph was already freed "
-                               "by a first backward (retain_graph is not supported here)")
-        h, logps, entropy = ctx.inner
-        weight, bias = ctx.head
+        h, logps, entropy = ctx.saved_tensors  # raises once freed (a second backward without
+        weight, bias = ctx.head                # retain_graph), as any autograd node does
         outs, grads = [], []
         if grad_logps is not None:
             outs.append(logps)
@@ -296,12 +309,15 @@ class _GatherHeadInBackward(torch.autograd.Function):
         wanted = [(i, t) for i, t in enumerate((h, weight, bias)) if ctx.needs_input_grad[i]]
         result = [None, None, None]
         if outs and wanted:
-            # looked up at call time, as TRL's backward does (and tests can stand in for ZeRO-3)
+            # looked up at call time, as TRL's backward does (and tests can stand in for ZeRO-3);
+            # retain_graph: the inner graph is freed with this node's saved tensors;
+            # create_graph as the outer backward's, so that differentiating these gradients
+            # again reaches fused_dpo's clear error rather than treating them as constants
             with trl_utils.maybe_gather_lm_head_ctx(weight, bias):
-                got = torch.autograd.grad(outs, [t for _, t in wanted], grads, allow_unused=True)
+                got = torch.autograd.grad(outs, [t for _, t in wanted], grads, allow_unused=True,
+                                          retain_graph=True, create_graph=torch.is_grad_enabled())
             for (i, _t), g in zip(wanted, got, strict=True):
                 result[i] = g
-        ctx.inner = None
         return (*result, None, None, None, None, None)
 
 
