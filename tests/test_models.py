@@ -150,11 +150,18 @@ def test_multimodal_text_config_scale_and_softcap():
     tc = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
               initializer_range=0.5)
-    cfg = transformers.MuseGlimmerConfig(text_config=tc)
+    # Every part tiny, not only the text model: the default vision tower (50 layers of width 1536)
+    # and projector are ~1.9e9 parameters, 22 GB of RSS once compare() makes its float64 copy.
+    vc = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              patch_size=2, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, merge_size=2)
+    cfg = transformers.MuseGlimmerConfig(text_config=tc, vision_config=vc, out_hidden_size=16 * 2**2,
+                                         projector_hidden_size=32)
     assert cfg.text_config.final_logit_softcapping and cfg.text_config.output_multiplier != 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.MuseGlimmerForConditionalGeneration(cfg).eval()
+    # A sub-config left at its default size (one a later transformers adds, say) fails here.
+    assert sum(p.numel() for p in model.parameters()) < 100_000
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         head, ours, eager, truth = compare("muse", model)
