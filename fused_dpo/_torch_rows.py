@@ -4,16 +4,51 @@ Used on the CPU and on GPUs without Triton. Rows are processed a chunk at a time
 temporaries stay near `FUSED_DPO_TORCH_CHUNK_BYTES` (default 8 MiB per (rows, V) float32 block,
 two such blocks live at once), whatever the batch, length or vocabulary. Elementwise steps run in
 place on the chunk for that reason.
+
+On the CPU each launcher runs with `FUSED_DPO_TORCH_THREADS` intra-op threads (default 1; 0:
+torch's own count) and restores torch's count on return (`_common.intra_op_threads` says what
+that means for other threads). Each op on a block is one OpenMP parallel region ending in a
+barrier, and a block is ~1M elements, about a millisecond of work: when another process holds a
+core, the thread that lost it holds up every barrier for a scheduler slice. Measured on 2 cores
+with a busy process pinned to one (`bench/cpu_threads.py`, B=4 T=256 V=32000 bf16, forward and
+backward, medians): one thread 120 ms, torch's two 254 ms, the eager reference 798 ms. A machine
+with idle cores to spare may do better with 0.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
+from ._common import intra_op_threads
+
 SUM, MEAN, NONE = 0, 1, 2
 REDUCTION_CODE = {"sum": SUM, "mean": MEAN, "none": NONE}
+
+
+def _threads() -> int:
+    text = os.environ.get("FUSED_DPO_TORCH_THREADS", "1")
+    n = int(text) if text.strip().isdigit() else -1
+    if n < 0:
+        raise ValueError("FUSED_DPO_TORCH_THREADS must be an integer >= 0 (0: torch's own thread "
+                         f"count), got {text!r}")
+    return n
+
+
+def _cpu_threads(launcher):
+    """Run `launcher` under the thread count above when its first tensor is on the CPU."""
+
+    @functools.wraps(launcher)
+    def wrapper(first, *args, **kwargs):
+        t = first if isinstance(first, torch.Tensor) else first[0]
+        if t.device.type != "cpu":
+            return launcher(first, *args, **kwargs)
+        with intra_op_threads(_threads()):
+            return launcher(first, *args, **kwargs)
+
+    return wrapper
 
 
 def _chunk_rows(V: int) -> int:
@@ -28,6 +63,24 @@ def _transform_(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torc
     if inv_temp != 1.0:
         z.mul_(inv_temp)
     return z
+
+
+class _Blocks:
+    """The (rows, V) temporaries of one launcher call, allocated once and reused by every chunk:
+    on the CPU a block allocated per chunk comes back as fresh pages from the kernel each time,
+    and those page faults cost about as much as the chunk's arithmetic."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous uninitialised block of like's shape and `dtype`, the same memory for the
+        same name on every chunk (a name is one temporary: its last use ends before its next)."""
+        n = like.numel()
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=like.device)
+        return buf[:n].view(like.shape)
 
 
 def _row_chunks(x, R, row_index, blocks=2):
@@ -57,6 +110,7 @@ def _labels_weights(labels, mask, b, t, ignore_index, acc):
     return lab, w
 
 
+@_cpu_threads
 def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_temp, softcap,
               row_index=None, accumulate=False):
     """See kernels.logps.row_stats."""
@@ -69,27 +123,31 @@ def row_stats(x, labels, mask, *, stats, shift, vocab_start, ignore_index, inv_t
     acc = zy.dtype
     if row_index is None:
         x = x[:, :R]  # a shifted call's logits have one row more than it scores
-    # with the statistics: z, its masked copy, e and e (z - m) live at once (and two bool masks)
+    block = _Blocks()
+    if has_stats:
+        cols = torch.arange(V, device=x.device)[None, :]
+    # with the statistics: z, e, its masked copy or e (z - m), and a bool mask live at once
     for b0, r0, r1, b, r in _row_chunks(x, R, row_index, blocks=5 if has_stats else 2):
         xc = x[b0, r0:r1]
         flat = b * R + r
         lab, wc = _labels_weights(labels, mask, b, r + shift, ignore_index, acc)
         col = lab - vocab_start
-        z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
+        z = _transform_(block("z", xc, acc).copy_(xc), inv_temp, softcap)
         if has_stats:
             sz_c = z.sum(-1)
-            before = torch.arange(V, device=z.device)[None, :] < col[:, None]
-            mb_c = z.masked_fill(~before, float("-inf")).amax(-1)
+            after = torch.ge(cols, col[:, None], out=block("mask", xc, torch.bool))
+            mb_c = block("spare", xc, acc).copy_(z).masked_fill_(after, float("-inf")).amax(-1)
         # Not torch.logsumexp: it maps a row holding +inf to inf (then log p = -inf); the eager
         # log_softmax, and the kernel, give NaN, which is the honest answer.
         mc = z.amax(-1)
         m_ref = torch.where(mc == float("-inf"), 0.0, mc)
         d = z.sub_(m_ref[:, None])
         if has_stats:
-            e = d.exp()
+            e = torch.exp(d, out=block("e", xc, acc))
             s_c = e.sum(-1)
             # sum e (z - m); e = 0 where z = -inf, whose product with -inf is 0, not NaN
-            u_c = e.mul(d).masked_fill_(e == 0, 0.0).sum(-1)
+            ed = torch.mul(e, d, out=block("spare", xc, acc))
+            u_c = ed.masked_fill_(torch.eq(e, 0, out=block("mask", xc, torch.bool)), 0.0).sum(-1)
             logs_c = s_c.log()
             pz_c = u_c / s_c
             lq_c = e.square_().sum(-1).log_() - 2 * logs_c
@@ -150,6 +208,7 @@ def _segment_sum(vals: torch.Tensor, seg: torch.Tensor, n_seq: int) -> torch.Ten
     return out.index_add_(-1, seg, vals)
 
 
+@_cpu_threads
 def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
     """See kernels.logps.seq_reduce."""
     zy, m, logs, w = stats[:4]
@@ -184,6 +243,7 @@ def seq_reduce(stats, labels, *, V, shift, reduction, cu_seqlens=None):
     return _reduce(total(tok), counts, code), counts, bad, ext
 
 
+@_cpu_threads
 def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, inv_temp, softcap,
              reduction, row_index=None, grad_entropy=None):
     """See kernels.logps.row_grad."""
@@ -196,6 +256,7 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
     if R == 0:  # nothing is scored (T = 1 shifted)
         grad.zero_()
         return
+    block = _Blocks()
     for b0, r0, r1, b, r in _row_chunks(x, R, row_index, blocks=3 if ent is not None else 2):
         xc = x[b0, r0:r1]
         scored = r < R  # rows past R (the last position of a shifted call) are not scored
@@ -212,12 +273,13 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
             coef = torch.where(c != 0, coef / torch.where(c != 0, c, 1.0), 0.0)
             if ent is not None:
                 coef_h = torch.where(c != 0, coef_h / torch.where(c != 0, c, 1.0), 0.0)
-        z = _transform_(xc.to(acc, copy=True), inv_temp, softcap)
+        z = _transform_(block("z", xc, acc).copy_(xc), inv_temp, softcap)
         lp = z.sub_(m[flat][:, None]).sub_(logs[flat][:, None])
         if ent is not None:
             # d/dz of coef log p_y + coef_h H: coef (onehot - p) - coef_h p (log p + H)
-            p = lp.exp()
-            dz = lp.add_(ent[flat][:, None]).mul_(coef_h[:, None]).masked_fill_(p == 0, 0.0)
+            p = torch.exp(lp, out=block("p", xc, acc))
+            vanished = torch.eq(p, 0, out=block("mask", xc, torch.bool))
+            dz = lp.add_(ent[flat][:, None]).mul_(coef_h[:, None]).masked_fill_(vanished, 0.0)
             dz = dz.add_(coef[:, None]).mul_(p).neg_()
             dead = (coef == 0) & (coef_h == 0)
         else:
@@ -227,9 +289,15 @@ def row_grad(x, grad, labels, stats, grad_out, counts, *, shift, vocab_start, in
         hit = (col >= 0) & (col < V)
         dz.scatter_add_(-1, col.clamp(0, V - 1)[:, None], torch.where(hit, coef, 0.0)[:, None])
         if softcap is not None:
-            th = xc.to(acc, copy=True).div_(softcap).tanh_()
+            th = block("th", xc, acc).copy_(xc).div_(softcap).tanh_()
             dz.mul_(th.mul_(th).neg_().add_(1.0).mul_(inv_temp))
         elif inv_temp != 1.0:
             dz.mul_(inv_temp)
         # Unscored rows get exact zeros (the kernel does not read them; 0 * NaN must not leak).
-        grad[b0, r0:r1].copy_(dz.masked_fill_(dead[:, None], 0.0))
+        # On the CPU by row index: a masked_fill_ by a (rows, 1) mask costs as much as the exp_
+        # (a host sync on a GPU, where it stays).
+        if dz.device.type == "cpu":
+            dz.index_fill_(0, dead.nonzero().squeeze(1), 0.0)
+        else:
+            dz.masked_fill_(dead[:, None], 0.0)
+        grad[b0, r0:r1].copy_(dz)
