@@ -226,13 +226,33 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
           f"pairs; output {cfg.output_dir}")
     trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources, dist=d)
     try:
-        result = trainer.train(resume=args.resume, progress=progress, overwrite=args.overwrite)
+        with _cpu_threads_for(model):
+            result = trainer.train(resume=args.resume, progress=progress, overwrite=args.overwrite)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(trainer, args)) from None
     if d.main:
         _summary(result, Path(cfg.output_dir))
     d.barrier()  # no rank exits (torchrun would then stop the others) before the summary is out
     return result
+
+
+# Below this many parameters a CPU run trains on one intra-op thread: each op is then a few
+# microseconds of work between OpenMP barriers, and with another job holding a core the second
+# thread stalls every barrier. Measured on 2 cores with a pinned busy process: the default tiny
+# run (0.11M) took 379 s on torch's 2 threads, 58.6 s with OMP_NUM_THREADS=1 (issue 20).
+_ONE_THREAD_PARAMS = 50_000_000
+
+
+def _cpu_threads_for(model):
+    """One torch thread for training a small model on the CPU, restored afterwards; unchanged on
+    a GPU, for a larger model, or when the user set OMP_NUM_THREADS."""
+    from .._common import intra_op_threads
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    small = sum(p.numel() for p in model.parameters()) < _ONE_THREAD_PARAMS
+    if not (on_cpu and small) or "OMP_NUM_THREADS" in os.environ:
+        return contextlib.nullcontext()
+    return intra_op_threads(1)
 
 
 @contextlib.contextmanager
