@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     providers.append(("eager", None, lambda t: get_logps_reference(t, ids, mask)))
     times: dict[str, list[float]] = {name: [] for name, _, _ in providers}
     with busy_processes(args.contend) as pinned:
-        for name, n, fn in providers:  # warm-up, out of the figures
+        for _name, n, fn in providers:  # warm-up, out of the figures
             with _env("FUSED_DPO_TORCH_THREADS", n):
                 _step(fn, x)
         for _ in range(args.rounds):

@@ -281,19 +281,26 @@ def _openmp_backend() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+def threads_under(n: int) -> int:
+    """The intra-op thread count that `intra_op_threads(n)` runs its body with."""
+    before = torch.get_num_threads()
+    return before if n <= 0 or not _openmp_backend() else min(n, before)
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int):
     """Run the body with at most `n` torch intra-op threads on the calling thread, then restore
     the count (n <= 0, or n at or above the current count: no change).
 
-    Thread safety: under torch's OpenMP backend (its Linux and macOS builds) the count is per
-    calling thread, so threads running torch meanwhile keep theirs. Process-wide, torch also
+    Thread safety: under torch's OpenMP backend (that of its Linux builds, among others; see
+    torch.__config__.parallel_info()) the count is per calling thread, so threads running torch
+    meanwhile keep theirs. Process-wide, torch also
     records n as the count that a thread picks up at its first parallel op: a thread that starts
     its first one while the body runs keeps n. A torch.set_num_threads in the body is undone at
     exit. Under the native backend the count is fixed once work has started: no change.
     """
-    before = torch.get_num_threads()
-    if n <= 0 or n >= before or not _openmp_backend():
+    before, n = torch.get_num_threads(), threads_under(n)
+    if n == before:
         yield
         return
     torch.set_num_threads(n)

@@ -3,7 +3,7 @@
 Used on the CPU and on GPUs without Triton. Rows are processed a chunk at a time so that the
 temporaries stay near `FUSED_DPO_TORCH_CHUNK_BYTES` (default 8 MiB per (rows, V) float32 block,
 two such blocks live at once), whatever the batch, length or vocabulary. Elementwise steps run in
-place on the chunk for that reason.
+place on the chunk for that reason, in blocks allocated once per call (`_Blocks`).
 
 On the CPU each launcher runs with `FUSED_DPO_TORCH_THREADS` intra-op threads (default 1; 0:
 torch's own count) and restores torch's count on return (`_common.intra_op_threads` says what
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ._common import intra_op_threads
+from ._common import intra_op_threads, threads_under
 
 SUM, MEAN, NONE = 0, 1, 2
 REDUCTION_CODE = {"sum": SUM, "mean": MEAN, "none": NONE}
@@ -37,8 +37,13 @@ def _threads() -> int:
     return n
 
 
+def cpu_threads() -> int:
+    """The intra-op threads the launchers run with on the CPU."""
+    return threads_under(_threads())
+
+
 def _cpu_threads(launcher):
-    """Run `launcher` under the thread count above when its first tensor is on the CPU."""
+    """Run `launcher` under FUSED_DPO_TORCH_THREADS when its first tensor is on the CPU."""
 
     @functools.wraps(launcher)
     def wrapper(first, *args, **kwargs):

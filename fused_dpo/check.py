@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ._torch_rows import cpu_threads
 from .logps import get_logps
 from .reference import get_logps_reference
 
@@ -119,7 +120,11 @@ def _check(B: int, T: int, V: int, dtype: str) -> int:
         (out, _), secs, peak = _measure(run(fn), device)
         rel = ((out.double() - truth).abs().max() / truth.abs().max()).item()
         rows.append((name, secs * 1e3, peak / 2**20, rel))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:  # the fused path's own count: a count that is right for one large op is not for its chunks
+        name = (f"CPU; eager on {torch.get_num_threads()} torch threads, fused_dpo on "
+                f"{cpu_threads()} (FUSED_DPO_TORCH_THREADS)")
     print(f"get_logps check on {device} ({name}), "
           f"B={B} T={T} V={V} {dtype}, forward+backward, prompt = first quarter")
     print(f"{'provider':<18}{'ms':>10}{'peak MiB':>12}{'max rel err vs fp64':>22}")
