@@ -495,9 +495,7 @@ def get_logps_from_hidden(
     V = weight.shape[0]
     tg = _common.check_targets((B, T), hidden.device, input_ids, response_mask, labels,
                                ignore_index, "hidden")
-    if impl == "reference" and process_group is not None:  # before the layout's all-gather
-        raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
-    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "weight",
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "weight", impl=impl,
                         device=hidden.device, targets=tg, validate=validate)
     on_meta = hidden.device.type == "meta"  # shapes only: the fake kernels, nothing to validate
     validate = validate and not on_meta

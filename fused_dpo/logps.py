@@ -391,9 +391,7 @@ def get_logps(
         raise ValueError(f"logits has shape {tuple(logits.shape)}; need V >= 1")
     tg = _common.check_targets((B, T), logits.device, input_ids, response_mask, labels,
                                ignore_index, "logits")
-    if impl == "reference" and process_group is not None:  # before the layout's all-gather
-        raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
-    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "logits",
+    shard = vocab_shard(process_group, V, vocab_start, vocab_size, "logits", impl=impl,
                         device=logits.device, targets=tg, validate=validate)
     on_meta = logits.device.type == "meta"  # shapes only: the fake kernels, nothing to validate
     validate = validate and not on_meta

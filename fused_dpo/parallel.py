@@ -40,7 +40,7 @@ class VocabShard:
 
 
 def vocab_shard(process_group, V_local: int, vocab_start, vocab_size, what: str, *,
-                device=None, targets=None, validate: bool = True):
+                impl: str | None = None, device=None, targets=None, validate: bool = True):
     """The VocabShard of a call, or None without a process group (then vocab_start / vocab_size
     must be None).
 
@@ -52,12 +52,15 @@ def vocab_shard(process_group, V_local: int, vocab_start, vocab_size, what: str,
     ranks, ids or mask differing across ranks. One host sync. With validate=False and both
     vocab_start and vocab_size given there is no all-gather (no sync): only this rank's range
     is checked, and a label that no shard or two shards hold gives NaN (`combine_shards`).
-    `device`: where the all-gather runs (the inputs' device, as the forward's all-reduces)."""
+    `device`: where the all-gather runs (the inputs' device, as the forward's all-reduces).
+    `impl` "reference" is refused here, before the all-gather."""
     if process_group is None:
         for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
             if v is not None:
                 raise ValueError(f"{name}={v!r} needs process_group= (a vocab-parallel call)")
         return None
+    if impl == "reference":
+        raise ValueError("impl='reference' has no vocab-parallel path; use impl='triton'/'torch'")
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

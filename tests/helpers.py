@@ -24,3 +24,12 @@ def assert_close_to_truth(impl, eager, truth, tol, what=""):
         f"{what}: {int(bad.sum())} elements over tolerance; worst err {err.max().item():.3e} "
         f"allowed {allowed[bad].min().item():.3e}"
     )
+
+
+def one_error_line(capsys, *text):
+    """The CLI's stderr is exactly one `error: ...` line, holding each of `text`."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for t in text:
+        assert t in err, err
+    return err

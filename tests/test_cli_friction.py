@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error_line
 
 from fused_dpo import __version__
 from fused_dpo.cli import main as top
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZEN = ["--data", "zen", "--batch-size", "4", "--no-progress"]  # 16 training pairs: 4 steps an epoch
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def one_error_line(capsys, *text):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for t in text:
-        assert t in err, err
-    return err
 
 
 def logged_steps(out):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 
 from fused_dpo.cli import main as top
 from fused_dpo.train.cli import build_parser
@@ -16,14 +17,6 @@ from fused_dpo.train.cli import main as train
 
 # The models here are tiny: one intra-op thread (conftest's `one_thread`).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_error_line(capsys, *text):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for t in text:
-        assert t in err, err
-    return err
 
 
 @pytest.mark.parametrize("name,content,text", [
