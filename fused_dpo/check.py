@@ -72,7 +72,7 @@ def _without_stderr_lines(prefix: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import ArgumentParser
+    from ._argparse import ArgumentParser
 
     ap = ArgumentParser(prog="fused-dpo check", description="get_logps against the float64 eager "
                         "reference on this device (CUDA if present), forward+backward, with the "

@@ -24,13 +24,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli import ArgumentParser
+from .._argparse import ArgumentParser
 from ..losses import F_DIVERGENCES, LOSS_TYPES
 from . import rundir
 from .config import CHOICES, DEFAULT_MAX_STEPS, PRESETS, DPOConfig, read_config_file
 
 DEFAULT_OUTPUT = Path(DPOConfig().output_dir)
-DEFAULT_SOURCES = {"model": "tiny", "data": "synthetic"}
+# Where the model and the data come from (run.json's "sources": a resume finds them there).
+DEFAULT_SOURCES = {"model": "tiny", "revision": None, "data": "synthetic", "data_config": None,
+                   "data_split": None, "eval_data": None, "eval_split": None}
+SOURCE_FLAGS = tuple(DEFAULT_SOURCES)
 _WORD = {int: "an integer", float: "a number", str: "a string"}
 
 
@@ -64,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "the run's)")
     ap.add_argument("--data", default=None,
                     help="synthetic | zen | FILE.jsonl (default synthetic; on --resume, the run's)")
+    ap.add_argument("--revision", default=None,
+                    help="the model's hub revision (branch, tag or commit) when --model is a hub id")
+    ap.add_argument("--data-config", default=None, help="the hub dataset's configuration (name)")
+    ap.add_argument("--data-split", default=None, help="the split of --data to train on (default train)")
+    ap.add_argument("--eval-data", default=None,
+                    help="a held-out set, in any form --data takes (default: eval_fraction of --data)")
+    ap.add_argument("--eval-split", default=None,
+                    help="the split of --data (or --eval-data) to evaluate on, e.g. test")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in OUTPUT_DIR (default: the latest runs/default-N) from "
                          "its checkpoint, with its config; only max_steps, num_epochs and the "
@@ -149,7 +160,7 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
                                                            for k, v in kept.items())
                       + " replaces the preset's value")
         cfg = DPOConfig.from_dict({k: v for layer in layers for k, v in layer.items()})
-        sources.update({k: getattr(args, k) for k in ("model", "data") if getattr(args, k)})
+        sources.update({k: getattr(args, k) for k in SOURCE_FLAGS if getattr(args, k)})
         check_sources(sources)
         if not args.resume:
             rundir.check_fresh(out, args.overwrite)

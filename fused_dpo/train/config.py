@@ -63,6 +63,13 @@ class DPOConfig:
     lora_r: int | None = None
     lora_alpha: float | None = None  # None: 2 * lora_r
     lora_target_modules: list[str] | None = None  # None: peft's default for the model type
+    # memory (README "Fitting a large model"): the storage dtype of the loaded weights (auto: the
+    # file's), the optimizer (transformers' and TRL's `optim` names), a 4-bit NF4 base under LoRA
+    # adapters (QLoRA), and saved activations moved to pinned host memory during the step
+    dtype: str = "float32"
+    optim: str = "adamw_torch"
+    load_in_4bit: bool = False
+    activation_offloading: bool = False
     # health
     max_bad_steps: int = 3  # consecutive NaN/inf losses before training stops
     # outputs
@@ -70,6 +77,9 @@ class DPOConfig:
     logging_steps: int = 1
     eval_steps: int = 50
     save_steps: int = 100
+    report_to: str = "none"  # none | tensorboard | trackio: the metrics.jsonl rows, from rank 0
+    save_model: bool = False  # write output_dir/model/ (save_pretrained) at every save, not only at the end
+    merge_lora: bool = False  # LoRA: output_dir/model/ holds the merged weights, not the adapters
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -178,14 +188,18 @@ CHOICES = {
     "truncation_side": ("left", "right"), "precision": ("fp32", "bf16", "fp16"),
     "reference": ("model", "precomputed", "none"), "logps_impl": IMPLS,
     "parallel": ("none", "ddp", "fsdp2"),
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "optim": ("adamw_torch",),
+    "report_to": ("none", "tensorboard", "trackio"),
 }
 
 ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head
 
 # Fields that may change when a run is resumed: how long it runs and how often it logs, evaluates
-# and saves, and where its directory lives. Every other field shapes the trajectory.
+# and saves, where its directory lives, where its metrics are reported and what model it exports.
+# Every other field shapes the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps",
-                     "output_dir")
+                     "output_dir", "report_to", "save_model", "merge_lora")
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -33,7 +33,7 @@ import torch
 
 from .. import LogpsStats
 from ..losses import REFERENCE_FREE, BCOState, dpo_loss
-from . import distributed, lora, rundir, sharded
+from . import distributed, export, lora, offload, optim, rundir, sharded, trackers
 from .checkpoint import (
     CKPT,
     FORMAT,
@@ -52,6 +52,7 @@ from .distributed import Dist, GlobalBCOState, LogpsModule
 from .health import HealthMonitor
 from .hf import LogpsHead, disable_dropout
 from .memory import model_state_bytes
+from .report import write_report
 from .schedule import lr_lambda
 from .token_metrics import KEYS as TOKEN_KEYS
 from .token_metrics import STATS, averages, token_sums
@@ -146,8 +147,9 @@ class DPOTrainer:
                                                d, cfg.precision, False)
         # Only the trainable parameters (all of them, or the adapters under LoRA).
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = optim.build(self.params, cfg)
+        self.offload = offload.for_config(cfg, self.device)  # around each micro-batch's step
+        self.tracker = None
         steps = self.total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps))
         self.monitor = HealthMonitor(cfg.beta, steps, self._expected_step0_loss(), cfg.max_bad_steps)
@@ -350,7 +352,7 @@ class DPOTrainer:
             # Every rank draws the same global batch and keeps its slice.
             idx = self._pair_indices(cfg.batch_size * d.world)[d.rank * cfg.batch_size:
                                                                 (d.rank + 1) * cfg.batch_size]
-            with distributed.gradient_sync(self.policy_module, micro == accum - 1):
+            with distributed.gradient_sync(self.policy_module, micro == accum - 1), self.offload:
                 loss, m, _, ts = self._forward_loss(self.train_data, idx, "train", self.bco)
                 if cfg.loss_reduction == "sum":
                     # DDP and FSDP2 average the ranks' gradients: x world makes it the global sum.
@@ -601,6 +603,7 @@ class DPOTrainer:
         total = self.total_steps()
         end = total if until_step is None else min(total, until_step)
         bar = _progress(total, self.step, progress and self.dist.main)
+        self.tracker = trackers.open_tracker(cfg, self.out, self.step, self.dist.main)
         stopped = None
         try:
             # Rank 0 alone writes the log (the others' metrics are the same global numbers).
@@ -614,6 +617,7 @@ class DPOTrainer:
                     if (m is not None and step % cfg.logging_steps == 0) or ev or row["flags"]:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
+                        self.tracker.log(row)
                     if m is not None:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", margin=f"{m['rewards/margins']:.2f}",
                                         acc=f"{m['rewards/accuracies']:.2f}")
@@ -626,12 +630,17 @@ class DPOTrainer:
                         if self.dist.main:
                             os.fsync(log.fileno())  # the log is never behind the checkpoint
                         self.save()
+                        if cfg.save_model and self.step < total:
+                            export.save_model(self)
                 if self.step == total and stopped is None:
                     ev = self._evaluate_and_check(self.step)
                     if ev:
                         log.write(json.dumps({"step": self.step, **ev}) + "\n")
+                        self.tracker.log({"step": self.step, **ev})
+                    export.save_model(self)  # output_dir/model/: the final weights
         finally:
             bar.close()
+            self.tracker.close()
         return self.finish(stopped)
 
     def finish(self, stopped: str | None) -> dict:
@@ -646,48 +655,9 @@ class DPOTrainer:
             return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
                     "model_state_bytes": state, "model_state_bytes_per_rank": per_rank}
         try:
-            return self._write_report(stopped, state, per_rank)
+            return write_report(self, stopped, state, per_rank)
         finally:
             d.barrier()
-
-    def _write_report(self, stopped: str | None, state: dict, per_rank: list) -> dict:
-        """Rank 0: health.md and curves.png from the metrics log; the run's summary."""
-        d = self.dist
-        rows = [json.loads(ln) for ln in _read_lines(self.out / rundir.METRICS)]
-        evals = [r for r in rows if "eval/rewards/accuracies" in r]
-        extra = [f"Training data: {self.train_data.report()}."]
-        if self.eval_data is not None:
-            extra.append(f"Held-out data: {self.eval_data.report()}.")
-        if evals:
-            extra.append(f"Held-out preference accuracy at step {evals[-1]['step']}: "
-                         f"{evals[-1]['eval/rewards/accuracies']:.3f}.")
-        steps = [r for r in rows if "entropy" in r]  # absent from rows logged by older versions
-        if steps:
-            a, b = steps[0], steps[-1]
-            extra.append(f"Policy entropy per response token: {a['entropy']:.3f} nats at step "
-                         f"{a['step']}, {b['entropy']:.3f} at step {b['step']}; chosen tokens "
-                         f"predicted top-1: {a['mean_token_accuracy']:.3f}, "
-                         f"{b['mean_token_accuracy']:.3f}.")
-        lora_note = " (LoRA: the reference is the policy's own base weights)" if self.lora else ""
-        if d.enabled:
-            extra.append(f"Model state held per rank ({self.config.parallel}, {d.world} ranks): " + "; ".join(
-                f"rank {r}: total {b['total'] / 2**20:.2f} MiB" for r, b in enumerate(per_rank))
-                + f"{lora_note}.")
-        else:
-            extra.append("Model state held: " + ", ".join(f"{k} {v / 2**20:.2f} MiB"
-                                                          for k, v in state.items()) + f"{lora_note}.")
-        if stopped:
-            extra.append(f"**Stopped:** {stopped}")
-        atomic_write_text(self.out / "health.md", self.monitor.report(extra))
-        try:
-            from .plots import plot_run
-
-            plot_run(rows, self.monitor.flags, self.out / "curves.png")
-        except ImportError:
-            print("matplotlib is not installed: no plots (pip install fused_dpo[plot])")
-        return {"steps": self.step, "flags": [f.name for f in self.monitor.flags], "stopped": stopped,
-                "eval": evals[-1] if evals else {}, "metrics": rows, "model_state_bytes": state,
-                "model_state_bytes_per_rank": per_rank}
 
     def _print(self, *args) -> None:
         if self.dist.main:  # one voice for the job
