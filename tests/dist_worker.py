@@ -6,6 +6,7 @@ Rank 0 writes what the test checks to OUT_DIR/result-SCENARIO.json.
                and training, and the run matches one process (the test runs that one itself).
     lora       FSDP2 with LoRA adapters (the reference is the policy with its adapters off,
                through the same sharded root): the run matches one process.
+    export     DDP and FSDP2 runs that write output_dir/model/ (`export_runs` says which).
     nan-ddp    DDP, 2 accumulation steps; rank 1 alone sees a NaN loss on the second micro-batch
     nan-fsdp2  of step 1, after the first one's backward (FSDP2: already reduced into the shards;
                DDP: held unreduced in each rank's .grad): every rank skips the step, and nothing
@@ -144,8 +145,32 @@ def nan(out: Path, parallel: str):
     return runs
 
 
+def export_runs(out: Path):
+    """Runs that write model/ (tests/test_export.py): DDP, in out/export-ddp; FSDP2: a tied Llama
+    trained in full, in out/export-full; LoRA adapters in out/export-lora, and the same trainer's
+    adapters merged, saved once more into out/export-merged."""
+    from fused_dpo.train import export
+
+    tok, train, held = setup()
+    DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
+               config(out / "export-ddp", batch_size=RANK_BATCH, parallel="ddp"),
+               dist=distributed.setup("ddp")).train(progress=False)
+    d = distributed.setup("fsdp2")
+    DPOTrainer(tied_llama(len(tok)), None, tok, train, held,
+               config(out / "export-full", batch_size=RANK_BATCH, parallel="fsdp2"),
+               dist=d).train(progress=False)
+    t = DPOTrainer(tiny_llama(len(tok)), None, tok, train, held,
+                   config(out / "export-lora", batch_size=RANK_BATCH, parallel="fsdp2", lora_r=4,
+                          learning_rate=1e-2), dist=d)
+    t.train(progress=False)
+    t.config.merge_lora, t.out = True, out / "export-merged"
+    t.out.mkdir(exist_ok=True)
+    export.save_model(t)
+    return {}
+
+
 SCENARIOS = {"tied": tied, "lora": lora, "nan-ddp": partial(nan, parallel="ddp"),
-             "nan-fsdp2": partial(nan, parallel="fsdp2")}
+             "nan-fsdp2": partial(nan, parallel="fsdp2"), "export": export_runs}
 
 if __name__ == "__main__":
     out = Path(sys.argv[2])

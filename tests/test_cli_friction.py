@@ -91,7 +91,7 @@ def test_the_chance_bar_is_the_step0_accuracy_when_lower():
 
 def test_tokenizer_without_pad_or_eos_is_refused_before_anything_is_written(tmp_path, capsys,
                                                                             monkeypatch):
-    def load_model(name, texts, seed, precision=None, say=print):
+    def load_model(name, texts, seed, **kwargs):
         tok = train_tokenizer(texts)
         tok.pad_token = tok.eos_token = None
         return tiny_llama(len(tok), seed), tok

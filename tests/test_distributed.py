@@ -200,7 +200,8 @@ def test_fsdp2_on_two_ranks_is_the_single_process_run(single, fsdp2_run):
     assert_same_weights(out, single)
     # rank 0 alone wrote the run files, once; the checkpoint is sharded over both ranks
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint.dcp", "metrics.jsonl", "config.json", "run.json", "health.md", "curves.png"])
+        ["checkpoint.dcp", "metrics.jsonl", "config.json", "run.json", "health.md", "curves.png",
+         "model"])
     step = sharded.latest(out)
     assert step.name == "step-000004"
     assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

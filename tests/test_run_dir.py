@@ -51,7 +51,8 @@ def killed_at(t, step):
 
 
 def snapshot(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    """Every file under the run directory (model/ holds several), by its path in it."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def steps(out):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("name,content,text", [
     ("missing.toml", None, "missing.toml: no such file"),
-    ("run.yaml", "beta: 0.1\n", "YAML is not supported; use a JSON (.json) or TOML (.toml) file"),
+    ("run.yaml", "beta: [0.1\n", "run.yaml: not valid YAML (line"),
     ("run.json", "beta: 0.1\n", "not valid JSON (line 1"),
     ("bad.toml", 'learning_rate = "1e-3"\n', "learning_rate must be a number, got str '1e-3'"),
     ("bad.toml", "loss_weights = 1\n", "loss_weights must be a list of numbers or none, got int 1"),

@@ -26,7 +26,7 @@ import torch
 
 from .._argparse import ArgumentParser
 from ..losses import F_DIVERGENCES, LOSS_TYPES
-from . import rundir
+from . import rundir, trackers
 from .config import CHOICES, DEFAULT_MAX_STEPS, PRESETS, DPOConfig, read_config_file
 
 DEFAULT_OUTPUT = Path(DPOConfig().output_dir)
@@ -61,12 +61,20 @@ def _parse_value(field: dataclasses.Field, text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="fused-dpo train", description="Train a causal LM with DPO.")
-    ap.add_argument("--config", help="JSON or TOML file of DPOConfig fields (flags override it)")
+    ap.add_argument("--config", help="JSON, TOML or YAML file of DPOConfig fields, or of the keys TRL's "
+                                     "`trl dpo --config` reads (model_name_or_path, dataset_name, "
+                                     "per_device_train_batch_size, ...: fused_dpo/train/trl_config.py; "
+                                     "keys it leaves out keep these defaults); flags override it")
     ap.add_argument("--model", default=None,
-                    help="tiny | smollm2 | PATH to a local HF checkpoint (default tiny; on --resume, "
-                         "the run's)")
+                    help="tiny | smollm2 | PATH to a local HF checkpoint | a hub id such as "
+                         "Qwen/Qwen2.5-0.5B-Instruct, at --revision (offline: from the HF cache) "
+                         "(default tiny; on --resume, the run's)")
     ap.add_argument("--data", default=None,
-                    help="synthetic | zen | FILE.jsonl (default synthetic; on --resume, the run's)")
+                    help="synthetic | zen | FILE (.json, .jsonl, .parquet, .csv) | a folder "
+                         "(Dataset.save_to_disk, or of data files) | a hub dataset id (offline: from "
+                         "the HF cache); rows in TRL's formats: prompt/chosen/rejected, text or chat "
+                         "messages, the prompt explicit or shared by chosen and rejected (default "
+                         "synthetic; on --resume, the run's)")
     ap.add_argument("--revision", default=None,
                     help="the model's hub revision (branch, tag or commit) when --model is a hub id")
     ap.add_argument("--data-config", default=None, help="the hub dataset's configuration (name)")
@@ -133,7 +141,10 @@ def _flags(args) -> dict:
 
 def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
     """(preset name, config, sources) of each run this command makes, checked before any write."""
-    file_cfg = read_config_file(args.config) if args.config else {}
+    from .trl_config import split
+
+    # the file's fields, and its model and data when it names them (TRL's keys)
+    file_cfg, file_sources = split(read_config_file(args.config), args.config) if args.config else ({}, {})
     flags = _flags(args)
     explicit = flags.get("output_dir", file_cfg.get("output_dir"))
     if explicit is not None and not str(explicit).strip():  # Path("") is ".", the current directory
@@ -160,8 +171,10 @@ def _plan(args) -> list[tuple[str | None, DPOConfig, dict]]:
                                                            for k, v in kept.items())
                       + " replaces the preset's value")
         cfg = DPOConfig.from_dict({k: v for layer in layers for k, v in layer.items()})
+        sources.update(file_sources)  # above the resumed run's and the defaults, below the flags
         sources.update({k: getattr(args, k) for k in SOURCE_FLAGS if getattr(args, k)})
         check_sources(sources)
+        trackers.check_available(cfg.report_to)  # a missing library, before the run dir is written
         if not args.resume:
             rundir.check_fresh(out, args.overwrite)
         plans.append((name, cfg, sources))
@@ -180,22 +193,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 def check_sources(sources: dict) -> None:
     """--model and --data name something that exists and is of the right kind, said before any
     model is loaded or file written (transformers' own errors for an empty folder or one without
-    a tokenizer are "Unrecognized model" and "install sentencepiece or tiktoken")."""
-    data = sources["data"]
-    if data not in ("synthetic", "zen"):
-        p = Path(data)
-        if p.is_dir():
-            raise ValueError(f"--data {data} is a directory; --data is synthetic, zen or a FILE.jsonl")
-        if p.suffix == ".jsonl" and not p.exists():
-            raise ValueError(f"--data {data}: no such file")
-    model = sources["model"]
-    if model in ("tiny", "smollm2"):
+    a tokenizer are "Unrecognized model" and "install sentencepiece or tiktoken"). A --model that
+    is no local path but a hub id (`org/name`) is resolved by transformers: offline, it must be in
+    the local HF cache."""
+    from . import sources as where
+
+    where.check_data(sources)
+    model, revision = sources["model"], sources.get("revision")
+    where.check_revision(model, revision)
+    if model in where.BUILTIN_MODELS:
+        return
+    if where.hub_id(model):
+        where.check_hub_model(model, revision)
         return
     p = Path(model)
     save = "(a folder written by model.save_pretrained and tokenizer.save_pretrained)"
     if not p.exists():
-        raise ValueError(f"--model {model}: no such directory; --model is tiny, smollm2 or a local "
-                         f"transformers checkpoint directory")
+        raise ValueError(f"--model {model}: no such directory; --model is tiny, smollm2, a local "
+                         f"transformers checkpoint directory or a hub id (org/name)")
     if not p.is_dir():
         raise ValueError(f"--model {model} is a file; a transformers checkpoint is a directory "
                          f"(config.json, the weights, the tokenizer files) {save}")
@@ -210,25 +225,22 @@ def check_sources(sources: dict) -> None:
 
 def run(args, cfg: DPOConfig, sources: dict) -> dict:
     from . import distributed
-    from .data import load_rows, pad_id, row_texts
+    from .data import pad_id, row_texts
     from .models import load_model
+    from .sources import load_pairs
     from .trainer import DPOTrainer
 
     d = distributed.setup(cfg.parallel)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    rows = load_rows(sources["data"], seed=cfg.seed)
-    order = list(range(len(rows)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = int(len(rows) * cfg.eval_fraction)
-    eval_rows = [rows[i] for i in order[:n_eval]]
-    train_rows = [rows[i] for i in order[n_eval:]]
     # A bar redrawn with \r is a terminal's: in a log file (`make run > log`) it is one long line.
-    # transformers' own bars (loading weights) follow ours.
+    # transformers' and datasets' own bars (loading weights, reading data) follow ours.
     progress = not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+    train_rows, eval_rows, rows = load_pairs(sources, cfg.seed, cfg.eval_fraction, progress)
     with _hf_progress_bars(progress):
         model, tok = load_model(sources["model"], row_texts(rows), cfg.seed,
-                                precision=cfg.precision, say=_say)
+                                precision=cfg.precision, say=_say, dtype=cfg.dtype,
+                                load_in_4bit=cfg.load_in_4bit, revision=sources.get("revision"))
     pad_id(tok)  # a tokenizer with neither pad nor EOS is refused here, before the run directory
     if torch.cuda.is_available():
         model = model.to(d.device)

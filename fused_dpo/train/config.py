@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .._common import IMPLS
 from ..losses import REFERENCE_FREE, check_loss_options
+from .optim import FSDP2_UNSUPPORTED, fsdp2_refusal
+from .optim import NAMES as OPTIMIZERS
 
 
 @dataclass
@@ -122,6 +124,9 @@ class DPOConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         self._validate_lora()
+        self._validate_dtype()
+        if self.parallel == "fsdp2" and self.optim in FSDP2_UNSUPPORTED:
+            raise ValueError(fsdp2_refusal(self.optim))
         if not self.output_dir.strip():
             raise ValueError("output_dir must not be empty (it would write into the current directory)")
 
@@ -143,6 +148,43 @@ class DPOConfig:
                              f"got {targets!r}")
         if targets is not None and len(targets) > 1 and ALL_LINEAR in targets:
             raise ValueError(f"lora_target_modules: {ALL_LINEAR} stands alone, got {targets!r}")
+
+    def _validate_dtype(self) -> None:
+        """--dtype and --load-in-4bit with the rest (the README's "Fitting a large model")."""
+        if self.load_in_4bit and self.lora_r is None:
+            raise ValueError("load_in_4bit needs lora_r: the 4-bit NF4 base is frozen and QLoRA trains "
+                             "LoRA adapters on it; set lora_r, or drop load_in_4bit to fine-tune fully")
+        if self.load_in_4bit and self.parallel == "fsdp2":
+            # accelerate#3983, axolotl#2992: fully_shard refuses the uint8 Params4bit or rebuilds it
+            # as a plain Parameter without its quantisation state (loss 0, grad norm NaN).
+            raise ValueError("load_in_4bit with parallel fsdp2 is not supported: FSDP2's fully_shard "
+                             "turns each bitsandbytes Params4bit into a plain DTensor shard without "
+                             "its quantisation state; use parallel ddp (each rank holds the 4-bit "
+                             "base) or none")
+        if self.load_in_4bit and self.merge_lora:
+            # export.merged_state refuses it too, but only when the run ends
+            raise ValueError("merge_lora with load_in_4bit: the adapters cannot be merged into NF4 "
+                             "weights (requantising would round the trained change away); drop "
+                             "merge_lora: output_dir/model/ then holds the adapters, which apply to the "
+                             "base model in any dtype")
+        if self.dtype == "float16" and self.optim == "adamw_anyprecision":
+            raise ValueError("dtype float16 with optim adamw_anyprecision: its Kahan-compensated "
+                             "update is written for bfloat16 weights; use dtype bfloat16")
+        if self.dtype == "float16" and self.lora_r is None:
+            # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
+            raise ValueError("dtype float16 with full fine-tuning is refused: the weights, gradients "
+                             "and AdamW moments would all be fp16 with no GradScaler, so a squared "
+                             "gradient below 6e-8 flushes to 0 and AdamW's eps (1e-8) is 0 in fp16: "
+                             "the update divides by zero. Use dtype bfloat16 or float32 (with "
+                             "--precision fp16 for fp16 compute), or LoRA (lora_r), whose adapters "
+                             "train in fp32 on the frozen fp16 base")
+        if self.dtype == "bfloat16" and self.lora_r is None and self.optim != "adamw_anyprecision":
+            import warnings
+
+            warnings.warn(f"dtype bfloat16 with full fine-tuning and optim {self.optim}: each update is "
+                          f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% "
+                          f"of a weight's size round away; optim adamw_anyprecision keeps them "
+                          f"(Kahan summation), dtype float32 keeps fp32 master weights", stacklevel=3)
 
     @property
     def effective_lora_alpha(self) -> float | None:
@@ -189,7 +231,7 @@ CHOICES = {
     "reference": ("model", "precomputed", "none"), "logps_impl": IMPLS,
     "parallel": ("none", "ddp", "fsdp2"),
     "dtype": ("auto", "bfloat16", "float16", "float32"),
-    "optim": ("adamw_torch",),
+    "optim": OPTIMIZERS,
     "report_to": ("none", "tensorboard", "trackio"),
 }
 
@@ -203,11 +245,10 @@ RESUMABLE_CHANGES = ("max_steps", "num_epochs", "logging_steps", "eval_steps", "
 
 
 def read_config_file(path: str | Path) -> dict:
-    """The fields in a JSON or TOML config file, as a dict (checked by DPOConfig.from_dict)."""
+    """The keys of a JSON, TOML or YAML config file, as a dict: DPOConfig fields (checked by
+    DPOConfig.from_dict), or TRL's names (read by trl_config.split)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        raise ValueError(f"config {path}: YAML is not supported; use a JSON (.json) or TOML (.toml) file")
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -221,12 +262,16 @@ def read_config_file(path: str | Path) -> dict:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config {path}: not valid TOML ({e})") from None
+    elif suffix in (".yaml", ".yml"):
+        from .trl_config import read_yaml
+
+        d = read_yaml(text, path)
     else:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"config {path}: not valid JSON (line {e.lineno}: {e.msg}); the config "
-                             f"file is JSON (.json) or TOML (.toml)") from None
+                             f"file is JSON (.json), TOML (.toml) or YAML (.yaml, .yml)") from None
     if not isinstance(d, dict):
         raise ValueError(f"config {path}: expected a table of DPOConfig fields, got {type(d).__name__}")
     return d

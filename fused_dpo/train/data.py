@@ -57,6 +57,14 @@ def zen_pairs() -> list[dict]:
 def load_jsonl(path: str | Path) -> list[dict]:
     """The rows of a JSONL file, each checked here so that an error names the file and its line
     (after the train/held-out shuffle, a row's position no longer says where it came from)."""
+    rows = read_jsonl(path)
+    for where, row in rows:
+        check_row(row, where)
+    return [row for _, row in rows]
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
+    """(`path:line`, the parsed value) of each non-blank line of a JSONL file, unchecked."""
     rows = []
     try:
         f = open(path, encoding="utf-8")
@@ -67,11 +75,9 @@ def load_jsonl(path: str | Path) -> list[dict]:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        row = json.loads(line)
+                        rows.append((f"{path}:{i}", json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                    check_row(row, f"{path}:{i}")
-                    rows.append(row)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return rows

@@ -8,6 +8,7 @@ weights are rebuilt from the run's model source on resume and checked against th
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -57,7 +58,13 @@ def target_modules(model: torch.nn.Module, wanted: list[str] | None) -> list[str
 def apply_lora(model: torch.nn.Module, r: int, alpha: float, targets: list[str] | None, seed: int):
     """`model` wrapped by peft with LoRA adapters (rank r, scale alpha / r) on the `targets` layers,
     every other parameter frozen. The adapters' random initialisation (lora_A) is drawn from
-    `seed`, so a run is reproducible; lora_B starts at 0."""
+    `seed`, so a run is reproducible; lora_B starts at 0. The adapters are fp32 whatever the
+    base's dtype (bf16, fp16, or NF4 under --load-in-4bit), and so are their gradients and AdamW
+    moments: peft's autocast_adapter_dtype upcasts the adapters it creates in a half-precision
+    base layer's dtype."""
+    from .quant import quiet_cpu_kernel_notice
+
+    quiet_cpu_kernel_notice()  # peft imports bitsandbytes when it is installed
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -72,7 +79,7 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, targets: list[str] 
         # peft 0.21 asks transformers 5 for is_gradient_checkpointing, which warns it is renamed.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def summary(peft_model) -> dict:
@@ -83,7 +90,14 @@ def summary(peft_model) -> dict:
     targets = [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
     return {"r": cfg.r, "alpha": cfg.lora_alpha, "target_modules": targets,
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in peft_model.parameters())}
+            "parameters": sum(_weights(p) for p in peft_model.parameters())}
+
+
+def _weights(p: torch.Tensor) -> int:
+    """The weights a parameter holds: a 4-bit one (bitsandbytes Params4bit) packs two in a byte,
+    and its quant_state keeps the unpacked shape."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:

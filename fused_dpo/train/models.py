@@ -80,29 +80,49 @@ def smollm2():
 
 
 def load_model(name: str, texts: Iterable[str], seed: int, precision: str | None = None,
-               say: Callable[[str], object] = print):
-    """(model, tokenizer) for `tiny`, `smollm2` or a local checkpoint (`load_checkpoint`).
-    `precision` (the config's) is only named in the line `say` prints about a checkpoint."""
+               say: Callable[[str], object] = print, dtype: str = "float32", load_in_4bit: bool = False,
+               revision: str | None = None):
+    """(model, tokenizer) for `tiny`, `smollm2`, a local checkpoint or a hub id at `revision`
+    (`load_checkpoint`; transformers resolves the id, from the HF cache offline), its
+    weights in `dtype` (DPOConfig.dtype; auto: the file's, float32 for tiny) or with
+    `load_in_4bit` its linear layers in NF4 (`quant`). tiny is built and smollm2's GGUF file
+    dequantised in float32 (what auto keeps), then cast or quantised. `precision` (the config's)
+    is only named in the line `say` prints about what was loaded (always for a checkpoint, for
+    tiny and smollm2 when dtype or load_in_4bit is not the default)."""
+    from .sources import check_revision, hub_id, hub_model_error
+
+    check_revision(name, revision)
     if name == "tiny":
         tok = train_tokenizer(texts)
-        return tiny_llama(len(tok), seed), tok
+        return _in_dtype(tiny_llama(len(tok), seed), name, dtype, load_in_4bit, precision, say), tok
     if name == "smollm2":
-        return smollm2()
+        model, tok = smollm2()
+        return _in_dtype(model, name, dtype, load_in_4bit, precision, say), tok
+    if hub_id(name):
+        try:
+            return load_checkpoint(name, precision, say, dtype=dtype, load_in_4bit=load_in_4bit,
+                                   revision=revision)
+        except OSError as e:
+            raise hub_model_error(name, revision, e) from None
     path = Path(name)
     if not path.exists():
-        raise ValueError(f"--model must be tiny, smollm2 or an existing local path; got {name!r}")
-    return load_checkpoint(path, precision, say)
+        raise ValueError(f"--model must be tiny, smollm2, an existing local path or a hub id; got "
+                         f"{name!r}")
+    return load_checkpoint(path, precision, say, dtype=dtype, load_in_4bit=load_in_4bit)
 
 
-# What each --precision computes in over the fp32 master weights (trainer._autocast, FSDP2's
-# param_dtype): the weights, gradients and AdamW moments stay fp32 in every mode.
+# What each --precision computes in over the weights (trainer._autocast, FSDP2's param_dtype):
+# with --dtype float32 (the default) the weights, gradients and AdamW moments stay fp32 in every mode.
 COMPUTE = {"fp32": "fp32 compute", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
-def load_checkpoint(path: Path, precision: str | None = None, say: Callable[[str], object] = print):
-    """(model, tokenizer) from a local transformers checkpoint, as fp32 master weights whatever
-    dtype it was saved in (transformers 5 otherwise keeps the saved dtype: most checkpoints are
-    bf16, and the weights, gradients and AdamW moments would all be bf16). Refused (ValueError,
+def load_checkpoint(path: str | Path, precision: str | None = None, say: Callable[[str], object] = print,
+                    dtype: str = "float32", load_in_4bit: bool = False, revision: str | None = None):
+    """(model, tokenizer) from a local transformers checkpoint, its weights in `dtype`: by default
+    fp32 master weights whatever dtype it was saved in (transformers 5 otherwise keeps the saved
+    dtype: most checkpoints are bf16, and the weights, gradients and AdamW moments would all be
+    bf16); "auto" keeps the file's. With `load_in_4bit`, the linear layers but the lm_head are
+    quantised to NF4 while loading (`quant`) and the rest is in `dtype`. Refused (ValueError,
     naming the path) unless it is a causal decoder with every weight in the file:
     - an encoder-decoder checkpoint (T5, BART): AutoModelForCausalLM takes only a decoder trained
       to cross-attend to an encoder that is not there (BART) or refuses the config (T5);
@@ -113,13 +133,14 @@ def load_checkpoint(path: Path, precision: str | None = None, say: Callable[[str
       without `is_decoder: true` attends both ways. One with `is_decoder: true` is causal and is
       accepted. is_decoder is not forced here: a masked LM's weights run causally are another
       model, and saying so in config.json is the user's call.
-    Prints (`say`) what was loaded: the path, the class, the saved dtype and what is trained."""
+    Prints (`say`) what was loaded: the path, the class, the saved dtype and what is trained (as
+    `loaded_as` words it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from .hf import check_causal
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, revision=revision)
     kind = f"--model {path}: model_type {cfg.model_type!r} (architectures {cfg.architectures})"
     if cfg.is_encoder_decoder:
         raise ValueError(f"{kind} is an encoder-decoder model; DPO here trains a causal decoder-only "
@@ -128,8 +149,17 @@ def load_checkpoint(path: Path, precision: str | None = None, say: Callable[[str
         raise ValueError(f"{kind} has no causal language model class in transformers "
                          f"(AutoModelForCausalLM)")
     saved = _dtype_name(cfg.dtype)  # read before loading, which sets it to the loaded dtype
-    model, info = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32,
-                                                       output_loading_info=True)
+    quantized = {}
+    if load_in_4bit:
+        from . import quant
+
+        quant.require()
+        quantized = {"quantization_config": quant.bnb_config(quant.head_name_of_config(cfg))}
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype),
+                                                       output_loading_info=True, revision=revision,
+                                                       **quantized)
+    if load_in_4bit:
+        quant.for_training(model)  # before check_causal's forwards in eval mode
     missing = sorted(info["missing_keys"])
     if missing:
         head = _module_name(model, model.get_output_embeddings())
@@ -140,12 +170,11 @@ def load_checkpoint(path: Path, precision: str | None = None, say: Callable[[str
                          + (f". Its language-model head ({head}) is among them: a base model or "
                             f"another task's checkpoint, not a causal LM" if in_head else ""))
     check_causal(model, f"--model {path}")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    mode = f" (--precision {precision}: {COMPUTE[precision]})" if precision else ""
-    say(f"model: {path} ({type(model).__name__}), saved in {saved}, loaded as float32 master "
-        f"weights{mode}")
+    say(f"model: {path} ({type(model).__name__}), saved in {saved}, "
+        f"{loaded_as(model, dtype, load_in_4bit, precision)}")
     return model, tok
 
 
@@ -157,3 +186,46 @@ def _dtype_name(dtype) -> str:
 
 def _module_name(model: torch.nn.Module, module) -> str | None:
     return next((n for n, m in model.named_modules() if m is module), None)
+
+
+# --dtype (DPOConfig.dtype, TRL's `dtype`): the storage dtype of the loaded weights.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str):
+    """The from_pretrained `dtype` for a --dtype name: a torch dtype, or "auto" (the file's)."""
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def loaded_as(model: torch.nn.Module, dtype: str, load_in_4bit: bool, precision: str | None) -> str:
+    """The words for what `model` holds, e.g. "loaded as bfloat16 weights (--dtype bfloat16)";
+    float32 reads "float32 master weights", and the default float32 names no flag."""
+    held = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    flags = [f"--dtype {dtype}" + (": the file's dtype" if dtype == "auto" else "")] \
+        if dtype != "float32" or load_in_4bit else []
+    if load_in_4bit:
+        from .quant import DOES
+
+        what = f"loaded as {DOES}, the other weights (embeddings, norms, lm_head) in {held}"
+        flags.insert(0, "--load-in-4bit")
+    else:
+        what = f"loaded as {held} {'master weights' if held == 'float32' else 'weights'}"
+    if precision:
+        flags.append(f"--precision {precision}: {COMPUTE[precision]}")
+    return what + (f" ({'; '.join(flags)})" if flags else "")
+
+
+def _in_dtype(model, name: str, dtype: str, load_in_4bit: bool, precision: str | None, say):
+    """A model built or dequantised in float32 (tiny, smollm2), cast to `dtype` or quantised; said
+    (`say`) unless it stays as it was."""
+    if load_in_4bit:
+        from .quant import quantize
+
+        model = quantize(model, torch.float32 if dtype == "auto" else DTYPES[dtype])
+    elif dtype != "auto":
+        model = model.to(DTYPES[dtype])
+    if dtype not in ("auto", "float32") or load_in_4bit:
+        how = "built" if name == "tiny" else "dequantised from its GGUF file"
+        say(f"model: {name} ({type(model).__name__}), {how} in float32, "
+            f"{loaded_as(model, dtype, load_in_4bit, precision)}")
+    return model

@@ -11,13 +11,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CKPT, atomic_write_text, checkpoint_step
+from .checkpoint import CKPT, atomic_write_text, checkpoint_step, tmp_path
 
 METRICS, CONFIG, RUN = "metrics.jsonl", "config.json", "run.json"
 SHARDED = "checkpoint.dcp"  # the folder of a distributed run's sharded checkpoints (sharded.py)
+TENSORBOARD = "tensorboard"  # the event files of --report-to tensorboard (trackers.py)
+MODEL = "model"  # the trained model, as save_pretrained writes it (export.py)
 # The checkpoints come first: `clear` deletes in this order, so a run replaced by --overwrite and
 # killed half-way can never leave the old model beside the new run's config and metrics.
-RUN_FILES = (CKPT, SHARDED, METRICS, CONFIG, RUN, "health.md", "curves.png")
+RUN_FILES = (CKPT, SHARDED, MODEL, METRICS, CONFIG, RUN, "health.md", "curves.png", TENSORBOARD)
 
 
 def check_output_dir(out: Path) -> None:
@@ -49,10 +51,19 @@ def run_files(out: Path) -> list[str]:
 
 
 def temporaries(out: Path) -> list[Path]:
-    """Leftovers of atomic writes killed half-way (`.checkpoint.pt.tmp-PID`)."""
+    """Leftovers of atomic writes killed half-way (`.checkpoint.pt.tmp-PID`, `.model.tmp-PID/`);
+    `remove` deletes one, file or folder."""
     if not out.is_dir():
         return []
     return sorted(p for name in RUN_FILES for p in out.glob(f".{name}.tmp-*"))
+
+
+def remove(p: Path) -> None:
+    """Delete a leftover: a file, or a folder whole."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
 
 
 def clear(out: Path) -> None:
@@ -60,9 +71,11 @@ def clear(out: Path) -> None:
     for name in RUN_FILES:
         p = out / name
         if p.is_dir() and not p.is_symlink():
-            # LATEST first: a kill inside rmtree must not leave it naming half-deleted shards
-            (p / "LATEST").unlink(missing_ok=True)
-            shutil.rmtree(p)
+            # Renamed first: a kill inside rmtree leaves a leftover (`temporaries`), not half a
+            # model/ or a LATEST naming half-deleted shards.
+            aside = tmp_path(p)
+            os.replace(p, aside)
+            shutil.rmtree(aside)
         else:
             p.unlink(missing_ok=True)
 

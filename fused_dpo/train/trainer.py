@@ -501,7 +501,7 @@ class DPOTrainer:
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             for p in rundir.temporaries(self.out):
-                p.unlink()
+                rundir.remove(p)
             if found:
                 print(f"--overwrite: replacing the run in {self.out}")
                 rundir.clear(self.out)
@@ -570,7 +570,7 @@ class DPOTrainer:
         if d.main:
             for p in rundir.temporaries(self.out):
                 print(f"removed {p.name}, left by a save that was killed")
-                p.unlink()
+                rundir.remove(p)
             for p in sharded.leftovers(self.out):
                 print(f"removed {p.relative_to(self.out)}, left by a save that was killed")
                 shutil.rmtree(p)
@@ -635,7 +635,7 @@ class DPOTrainer:
                 if self.step == total and stopped is None:
                     ev = self._evaluate_and_check(self.step)
                     if ev:
-                        log.write(json.dumps({"step": self.step, **ev}) + "\n")
+                        print(json.dumps({"step": self.step, **ev}), file=log, flush=True)  # for the card
                         self.tracker.log({"step": self.step, **ev})
                     export.save_model(self)  # output_dir/model/: the final weights
         finally:
