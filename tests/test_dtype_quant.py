@@ -7,19 +7,20 @@ bitsandbytes' CPU backend runs NF4 here; tiny models, max_length 32, batch 2."""
 import importlib.util
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from helpers import one_error_line
 
 from fused_dpo import get_logps
-from fused_dpo.train import hf
+from fused_dpo.train import config, hf
 from fused_dpo.train.checkpoint import weights_fingerprint
 from fused_dpo.train.cli import main as cli_main
 from fused_dpo.train.config import DPOConfig
 from fused_dpo.train.data import row_texts, zen_pairs
 from fused_dpo.train.hf import LogpsHead
-from fused_dpo.train.lora import apply_lora
+from fused_dpo.train.lora import apply_lora, summary
 from fused_dpo.train.models import load_model, tiny_llama, train_tokenizer
 from fused_dpo.train.trainer import DPOTrainer
 
@@ -60,11 +61,9 @@ def test_every_dtype_trains_through_the_hidden_path(tmp_path, monkeypatch, dtype
     model, tok = tiny(dtype, q)
     called = []
     monkeypatch.setattr(hf, "get_logps", lambda *a, **k: called.append(1))  # the logits fallback
-    import warnings
-
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        t = trainer(tmp_path, model, tok, **({"lora_r": 4} if lora else {}))
+        t = trainer(tmp_path, model, tok, dtype=dtype, load_in_4bit=q, **({"lora_r": 4} if lora else {}))
         m = t.train_step()
     assert not [w for w in seen if "full logits" in str(w.message)]
     assert called == [] and t.policy_logps.fused and t.ref_logps.fused
@@ -115,6 +114,9 @@ def test_4bit_fingerprint_is_deterministic_and_covers_the_quantisation_state():
     assert weights_fingerprint(other, skip="lora_") != fp
     plain = apply_lora(tiny()[0], 4, 8.0, None, 0)
     assert weights_fingerprint(plain, skip="lora_") != fp
+    # run.json counts the weights, not the bytes they are packed in (two NF4 weights a byte)
+    assert summary(a)["parameters"] == summary(plain)["parameters"] == \
+        sum(p.numel() for p in plain.parameters())
 
 
 def stable(path):
@@ -206,13 +208,14 @@ def test_refused_combinations(tmp_path, capsys, flags, text):
     assert not out.exists()
 
 
-def test_bf16_full_fine_tuning_warns_unless_kahan():
+def test_bf16_full_fine_tuning_warns_once_unless_kahan(monkeypatch):
+    monkeypatch.setattr(config, "WARNED_BF16", set())
     with pytest.warns(UserWarning, match="dtype bfloat16 with full fine-tuning and optim adamw_torch"):
-        DPOConfig(dtype="bfloat16")
-    import warnings
-
+        DPOConfig(dtype="bfloat16").validate()
+    assert config.WARNED_BF16 == {"adamw_torch"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        DPOConfig(dtype="bfloat16")  # said once a process
         DPOConfig(dtype="bfloat16", optim="adamw_anyprecision")
         DPOConfig(dtype="bfloat16", lora_r=4)
 
@@ -226,3 +229,15 @@ def test_missing_bitsandbytes_is_one_error_line(tmp_path, capsys, monkeypatch):
                      "--output-dir", str(out)]) == 2
     one_error_line(capsys, "load_in_4bit needs bitsandbytes: pip install bitsandbytes")
     assert not out.exists()
+
+
+def test_qlora_gradient_checkpointing_gives_the_same_steps(tmp_path):
+    # peft's prepare_model_for_kbit_training is not called: --gradient-checkpointing (non-reentrant)
+    # checkpoints a 4-bit base without its input-grad hook and changes no number.
+    losses = {}
+    for gc in (False, True):
+        model, tok = tiny(load_in_4bit=True)
+        t = trainer(tmp_path / str(gc), model, tok, lora_r=4, load_in_4bit=True, max_steps=3,
+                    gradient_checkpointing=gc)
+        losses[gc] = [t.train_step()["loss"] for _ in range(3)]
+    assert losses[True] == losses[False] and losses[False][-1] != losses[False][0]

@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is drawn only when stdout and stderr are a terminal)")
     defaults = DPOConfig().to_dict()
+    hints = typing.get_type_hints(DPOConfig)
     for f in dataclasses.fields(DPOConfig):
+        # a boolean flag alone means true (`--load-in-4bit`, as TRL's CLI reads it), or takes a value
+        flag = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
         ap.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
-                        metavar="VALUE", type=lambda s, f=f: _parse_value(f, s),
+                        metavar="VALUE", type=lambda s, f=f: _parse_value(f, s), **flag,
                         help=f"DPOConfig.{f.name} (default {defaults[f.name]}{_HELP.get(f.name, '')})")
     return ap
 
@@ -244,7 +247,9 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     pad_id(tok)  # a tokenizer with neither pad nor EOS is refused here, before the run directory
     if torch.cuda.is_available():
         model = model.to(d.device)
-    _say(f"model {sources['model']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    from .lora import weights
+
+    _say(f"model {sources['model']}: {sum(weights(p) for p in model.parameters()) / 1e6:.2f}M "
           f"parameters; data {sources['data']}: {len(train_rows)} train / {len(eval_rows)} held-out "
           f"pairs; output {cfg.output_dir}")
     trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources, dist=d)

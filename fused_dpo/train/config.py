@@ -170,6 +170,12 @@ class DPOConfig:
         if self.dtype == "float16" and self.optim == "adamw_anyprecision":
             raise ValueError("dtype float16 with optim adamw_anyprecision: its Kahan-compensated "
                              "update is written for bfloat16 weights; use dtype bfloat16")
+        if self.optim == "adamw_anyprecision" and self.lora_r is not None:
+            # (fp32 weights are refused when the optimizer is built: from Python the model passed
+            # may be in any dtype, whatever this field says)
+            raise ValueError("optim adamw_anyprecision is made for bfloat16 weights in full fine-tuning "
+                             "(Kahan-compensated updates), not for LoRA adapters, which train in "
+                             "float32: use adamw_torch")
         if self.dtype == "float16" and self.lora_r is None:
             # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
             raise ValueError("dtype float16 with full fine-tuning is refused: the weights, gradients "
@@ -178,13 +184,17 @@ class DPOConfig:
                              "the update divides by zero. Use dtype bfloat16 or float32 (with "
                              "--precision fp16 for fp16 compute), or LoRA (lora_r), whose adapters "
                              "train in fp32 on the frozen fp16 base")
-        if self.dtype == "bfloat16" and self.lora_r is None and self.optim != "adamw_anyprecision":
+        rounded = self.dtype == "bfloat16" and self.lora_r is None and self.optim != "adamw_anyprecision"
+        if rounded and self.optim not in WARNED_BF16:
+            # Once a process: validate runs for every config built (the CLI's, the trainer's check),
+            # and transformers' warning filters reset Python's own once-per-place memory.
             import warnings
 
+            WARNED_BF16.add(self.optim)
             warnings.warn(f"dtype bfloat16 with full fine-tuning and optim {self.optim}: each update is "
                           f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% "
                           f"of a weight's size round away; optim adamw_anyprecision keeps them "
-                          f"(Kahan summation), dtype float32 keeps fp32 master weights", stacklevel=3)
+                          f"(Kahan summation), dtype float32 keeps fp32 master weights", stacklevel=2)
 
     @property
     def effective_lora_alpha(self) -> float | None:
@@ -234,6 +244,8 @@ CHOICES = {
     "optim": OPTIMIZERS,
     "report_to": ("none", "tensorboard", "trackio"),
 }
+
+WARNED_BF16: set[str] = set()  # the optimizers DPOConfig has warned about with bf16 full fine-tuning
 
 ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head
 

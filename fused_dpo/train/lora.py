@@ -90,10 +90,10 @@ def summary(peft_model) -> dict:
     targets = [targets] if isinstance(targets, str) else sorted({t.rsplit(".", 1)[-1] for t in targets})
     return {"r": cfg.r, "alpha": cfg.lora_alpha, "target_modules": targets,
             "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-            "parameters": sum(_weights(p) for p in peft_model.parameters())}
+            "parameters": sum(weights(p) for p in peft_model.parameters())}
 
 
-def _weights(p: torch.Tensor) -> int:
+def weights(p: torch.Tensor) -> int:
     """The weights a parameter holds: a 4-bit one (bitsandbytes Params4bit) packs two in a byte,
     and its quant_state keeps the unpacked shape."""
     state = getattr(p, "quant_state", None)

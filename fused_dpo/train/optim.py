@@ -90,6 +90,9 @@ def build(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError(f"--optim {name} needs bitsandbytes: pip install bitsandbytes") from None
+        from .quant import quiet_cpu_kernel_notice
+
+        quiet_cpu_kernel_notice()
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=lr, weight_decay=wd, min_8bit_size=BNB_MIN_8BIT_SIZE)
     if name == "adamw_cpu_offload":
