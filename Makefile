@@ -34,10 +34,11 @@ bench-cpu: $(STAMP)
 # pure Python and their needs, torch, triton and transformers, are on its image). TRL alone, no
 # dependencies: `trl.kernels` imports with those three; bench/providers.py stands in for the one
 # accelerate-bound helper its chunked backward imports. pytest-xdist and execnet (pure Python) spread
-# gpu_check.sh's kernel-facing suite over processes. Carry `.whl` with the device call.
+# gpu_check.sh's kernel-facing suite over processes. bitsandbytes (43 MB, its CUDA kernels inside) runs
+# the fit group's QLoRA and 8-bit AdamW. Carry `.whl` with the device call (about 47 MB of the 64 MiB).
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel cut-cross-entropy trl==1.16.0 pytest-xdist execnet
+		liger-kernel cut-cross-entropy trl==1.16.0 pytest-xdist execnet bitsandbytes==0.50.2
 
 # The declared minimum versions (read from pyproject.toml) and the newest releases, each in its own
 # venv under build/compat/: import fused_dpo and a subset of the tests; the newest set also compiles

@@ -22,8 +22,16 @@
 #               fused step (issue 8). The trainer through FSDP2 with world size 1 against the plain
 #               trainer (issue 13). Packed against padded, and vocab-parallel with world size 1
 #               (issue 14).
-#   5. fit, plan  Issue 22's bench/fit.py and issue 23's `fused-dpo plan` against the measured
-#               peak. Not built yet: these groups say so and exit 0, with no setup.
+#   5. fit      Does an 8B model train on one GPU, and is the plan right about it? bench/fit.py
+#               (issue 22): one DPO step of a Llama-3-8B-shaped model (2 x 1024 tokens) as QLoRA
+#               r16, LoRA r16 on a bf16 base, full fine-tuning with bf16 weights and 8-bit AdamW,
+#               and full fine-tuning in fp32 with AdamW (expected OOM); each row holds the peak
+#               max_memory_allocated, step time, tokens/s and `fused-dpo plan`'s predicted peak
+#               (issue 23). Then TRL 1.16's DPOTrainer on the LoRA mode (when trl and datasets
+#               import; `python -m bench.fit --mode trl_qlora` is the QLoRA one), and the longest --max-length of LoRA with activation offloading
+#               and --padding-free. Needs bitsandbytes: its wheel travels in .whl (make gpu-wheels).
+#   6. plan     `fused-dpo plan` against the Qwen2-0.5B-shaped step of bench/train_step.py, and
+#               the activation-offloading CUDA test. Not built yet: says so and exits 0.
 #
 # Budget: a group is at most 300 s, counting its stage timeouts plus the setup's timeouts (50 s).
 # The setup installs this checkout without dependencies, and Liger-Kernel, Cut-CE and TRL 1.16 from
@@ -46,10 +54,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-GROUPS_BUILT="correct perf ops train"
+GROUPS_BUILT="correct perf ops train fit"
 usage() {
   echo "usage: bash bench/gpu_check.sh [--dry-run] GROUP" >&2
-  echo "  GROUP, in priority order: correct, perf, ops, train; fit and plan are not built yet" >&2
+  echo "  GROUP, in priority order: correct, perf, ops, train, fit; plan is not built yet" >&2
   echo "  (the header of bench/gpu_check.sh says what each group answers)" >&2
 }
 DRY=0
@@ -60,8 +68,8 @@ case " $GROUPS_BUILT " in
   *" $GROUP "*) ;;
   *)
     case "$GROUP" in
-      fit | plan)
-        echo "gpu_check.sh $GROUP: not yet built (issue 22's bench/fit.py, issue 23's fused-dpo plan); nothing to run"
+      plan)
+        echo "gpu_check.sh $GROUP: not yet built (issue 23's fused-dpo plan); nothing to run"
         exit 0 ;;
       *) echo "gpu_check.sh: unknown group '$GROUP'" >&2; usage; exit 2 ;;
     esac ;;
@@ -200,6 +208,24 @@ group_train() {
   # its docstring's estimate is 30 s: one model init, eight timed calls, a process group of one
   QUIET=Warning stage 60 "packed vs padded (8 sequences of 128..1024), vocab-parallel world size 1 vs plain (issue 14)" \
     python3 -m bench.packed_vp
+}
+
+group_fit() {
+  # Each mode in its own process (a clean peak, and an OOM cannot poison the next). Estimates: an
+  # 8B model built on the GPU in seconds, the NF4 quantisation of its 224 linear layers on the GPU
+  # in seconds, a step of 2 x 1024 tokens about 1-2 s with checkpointing; imports ~10 s each.
+  stage 50 "fit (a): QLoRA r16, Llama-3-8B-shaped, 2 x 1024 tokens (goal <= 10 GiB)" \
+    python3 -m bench.fit --mode qlora --out "$OUT/fit"
+  stage 40 "fit (b): LoRA r16 on a bf16 base (goal <= 22 GiB)" \
+    python3 -m bench.fit --mode lora --out "$OUT/fit"
+  stage 45 "fit (c): full fine-tuning, bf16 weights, 8-bit AdamW (goal <= 80 GiB)" \
+    python3 -m bench.fit --mode full_8bit --out "$OUT/fit"
+  stage 35 "fit (d): full fine-tuning, fp32 AdamW (expected OOM; the plan must say it does not fit)" \
+    python3 -m bench.fit --mode full_fp32 --out "$OUT/fit"
+  stage 40 "fit: TRL 1.16 DPOTrainer on (b), when trl and datasets import (goal: our step <= TRL's, >= 1.3x its tokens/s)" \
+    python3 -m bench.fit --mode trl_lora --out "$OUT/fit"
+  stage 40 "fit: longest --max-length for (b) with activation offloading and --padding-free (goal >= 16k)" \
+    python3 -m bench.fit --mode longest --lengths 8192,16384,24576 --steps 1 --out "$OUT/fit"
 }
 
 OUT=${OUT:-$(pwd)/gpu_out}
