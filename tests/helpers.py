@@ -1,4 +1,7 @@
-"""Shared test helpers: inputs, and Cut-CE's tolerance rule against float64 truth."""
+"""Shared test helpers: inputs, Cut-CE's tolerance rule against float64 truth, the CLI's one error
+line, and a model written into the hub cache."""
+
+from pathlib import Path
 
 import torch
 
@@ -33,3 +36,16 @@ def one_error_line(capsys, *text):
     for t in text:
         assert t in err, err
     return err
+
+
+def put_snapshot(hub: Path, repo: str, commit: str, model, tok, *refs: str) -> Path:
+    """A model as the hub cache holds it: models--org--name/snapshots/<commit>/ and refs/<ref>
+    (what a download leaves, and what an offline `from_pretrained(repo)` reads); the snapshot."""
+    root = hub / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / commit
+    model.save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return snap

@@ -199,7 +199,7 @@ def test_qlora_on_a_local_checkpoint(tmp_path, capsys):
     (["--dtype", "float16", "--lora-r", "4", "--optim", "adamw_anyprecision"],
      "dtype float16 with optim adamw_anyprecision"),
     (["--dtype", "float16"], "dtype float16 with full fine-tuning is refused"),
-    (["--dtype", "half"], "dtype must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'half'"),
+    (["--dtype", "half"], "dtype must be one of auto, bfloat16, float16, float32; got 'half'"),
 ], ids=["4bit-no-lora", "4bit-fsdp2", "4bit-merge", "fp16-anyprecision", "fp16-full", "dtype-typo"])
 def test_refused_combinations(tmp_path, capsys, flags, text):
     out = tmp_path / "run"

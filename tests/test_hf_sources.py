@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import one_error_line, put_snapshot
 
 from fused_dpo.train import rundir
 from fused_dpo.train.cli import main as train
@@ -90,17 +90,6 @@ MAIN, V2 = "a" * 40, "b" * 40  # commit hashes of two snapshots
 CUSTOM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}"
                    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
                    "{% if add_generation_prompt %}[assistant]: {% endif %}")
-
-
-def put_snapshot(hub: Path, repo: str, commit: str, model, tok, *refs: str) -> None:
-    """A model as the hub cache holds it: models--org--name/snapshots/<commit>/ and refs/<ref>."""
-    root = hub / ("models--" + repo.replace("/", "--"))
-    snap = root / "snapshots" / commit
-    model.save_pretrained(snap)
-    tok.save_pretrained(snap)
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (root / "refs" / ref).write_text(commit)
 
 
 @pytest.fixture

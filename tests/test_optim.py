@@ -316,8 +316,8 @@ def test_fsdp2_refuses_the_optimizers_that_take_local_tensors():
 
 
 @pytest.mark.parametrize("flags,text", [
-    (["--optim", "nope"], "optim must be one of ('adamw_torch', 'adamw_torch_fused', 'adafactor', "
-                          "'adamw_8bit', 'paged_adamw_8bit', 'adamw_cpu_offload', 'adamw_anyprecision'), "
+    (["--optim", "nope"], "optim must be one of adamw_torch, adamw_torch_fused, adafactor, "
+                          "adamw_8bit, paged_adamw_8bit, adamw_cpu_offload, adamw_anyprecision; "
                           "got 'nope'"),
     (["--optim", "paged_adamw_8bit"], "--optim paged_adamw_8bit pages its state through CUDA unified "
                                       "memory and needs a CUDA device; these parameters are on cpu"),

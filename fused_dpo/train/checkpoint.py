@@ -191,7 +191,8 @@ def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_
                          f"the run was trained from --model {ran['model']} (its tokenizer, weights "
                          f"and reference are that model's): resume with --model {ran['model']}, "
                          f"or start a new run")
-    sources = ", ".join(f"--{k} {v}" for k, v in ran.items()) or "sources not recorded"
+    sources = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ran.items() if v is not None) \
+        or "sources not recorded"
     if saved["data"] != fingerprints["data"]:
         raise ValueError(f"--resume: the data differs from the run's (fingerprint {fingerprints['data']}, "
                          f"checkpoint {saved['data']}; the run used {sources}): resume with the same "

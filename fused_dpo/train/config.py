@@ -99,7 +99,7 @@ class DPOConfig:
                            use_weighting=self.use_weighting)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length",
                     "logging_steps", "eval_steps", "save_steps", "max_bad_steps")
         for name in positive:

@@ -18,9 +18,11 @@ and the checkpoint; the next start, resume (`rundir.temporaries`) or save remove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -106,7 +108,11 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         # peft's save_pretrained keeps the adapters of `state`; transformers' writes it whole (and
         # empties it as it goes)
         model = trainer.model if adapters_only else lora.unwrap(trainer.model)
-        model.save_pretrained(tmp, state_dict=state)
+        # save_embedding_layers: this trainer never resizes the embeddings, and peft's "auto" asks
+        # the hub whether the base model's vocabulary changed (a warning offline, every save)
+        extra = {"save_embedding_layers": False} if adapters_only else {}
+        with _quiet_bars():
+            model.save_pretrained(tmp, state_dict=state, **extra)
         trainer.tokenizer.save_pretrained(tmp)
         # peft writes a README.md template of its own: the card replaces it
         (tmp / "README.md").write_text(model_card(trainer, final, adapters_only, dtypes))
@@ -121,6 +127,22 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_bars():
+    """transformers' "Writing model shards" bar off unless stdout and stderr are a terminal (the
+    CLI's rule for bars: in a log file it is noise), as it was afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    off = hf_logging.is_progress_bar_enabled() and not (sys.stdout.isatty() and sys.stderr.isatty())
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off:
+            hf_logging.enable_progress_bar()
 
 
 def _fsync(path: Path) -> None:

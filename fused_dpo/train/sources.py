@@ -92,8 +92,25 @@ def _not_cached(name: str, revision: str | None, error: Exception | None) -> str
     else:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         why = f"downloading it failed (no network, or no such repo or revision?): {first}"
+    like = _cached_like(name)
+    hint = f"; did you mean {' or '.join(like)} (in the cache)?" if like else ""
     return (f"--model {name}{at}: no such local directory, and not in the local HF cache "
-            f"({constants.HF_HUB_CACHE}); {why}")
+            f"({constants.HF_HUB_CACHE}); {why}{hint}")
+
+
+def _cached_like(name: str) -> list[str]:
+    """The model ids in the local hub cache that look like `name` (a typo, another case), not it."""
+    import difflib
+
+    from huggingface_hub import constants
+
+    try:
+        ids = [p.name.removeprefix("models--").replace("--", "/")  # hub ids never hold "--"
+               for p in Path(constants.HF_HUB_CACHE).iterdir() if p.name.startswith("models--")]
+    except OSError:  # no cache yet
+        return []
+    by_lower = {i.lower(): i for i in ids if i != name}
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.8)]
 
 
 # -- data: which kind, checked before anything is loaded ----------------------------------------
@@ -157,6 +174,7 @@ def load_pairs(sources: dict, seed: int, eval_fraction: float,
     either, eval_fraction of --data after a shuffle by `seed`."""
     data, eval_data, eval_split = sources["data"], sources.get("eval_data"), sources.get("eval_split")
     rows = read_rows(data, seed, sources.get("data_config"), sources.get("data_split"), progress=progress)
+    by = {"split_flag": "--eval-split"}  # what chooses the held-out split
     if eval_data is None and eval_split is None:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -164,16 +182,17 @@ def load_pairs(sources: dict, seed: int, eval_fraction: float,
         held = [rows[i] for i in order[:n_eval]]
         return [rows[i] for i in order[n_eval:]], held, rows
     if eval_data is None:
-        held = read_rows(data, seed, sources.get("data_config"), eval_split, progress=progress)
+        held = read_rows(data, seed, sources.get("data_config"), eval_split, progress=progress, **by)
     else:
-        held = read_rows(eval_data, seed, None, eval_split, "--eval-data", "test", progress)
+        held = read_rows(eval_data, seed, None, eval_split, "--eval-data", "test", progress, **by)
     return rows, held, rows + held
 
 
 def read_rows(name: str, seed: int = 0, config: str | None = None, split: str | None = None,
-              flag: str = "--data", default_split: str = "train", progress: bool = False) -> list[dict]:
-    """The checked preference rows of one source (one split of it); datasets' bars only with
-    `progress`."""
+              flag: str = "--data", default_split: str = "train", progress: bool = False,
+              split_flag: str = "--data-split") -> list[dict]:
+    """The checked preference rows of one source (one split of it, `split` as `split_flag` gave
+    it, else `default_split`); datasets' bars only with `progress`."""
     kind = data_kind(name, flag)
     if kind == BUILTIN:
         return load_rows(name, seed=seed)
@@ -183,7 +202,7 @@ def read_rows(name: str, seed: int = 0, config: str | None = None, split: str | 
     import datasets
 
     path = str(Path(name).expanduser())
-    split = split or default_split
+    given, split = split, split or default_split
     if kind == FILE:
         ds = _hf(lambda: datasets.load_dataset(DATA_FILES[Path(name).suffix], data_files=path,
                                                split="train"), flag, name, progress)
@@ -192,7 +211,9 @@ def read_rows(name: str, seed: int = 0, config: str | None = None, split: str | 
         ds = _hf(lambda: datasets.load_from_disk(path), flag, name, progress)
         if kind == DATASET_DICT:
             if split not in ds:
-                raise ValueError(f"{flag} {name}: no split {split!r}; its splits are {list(ds)}")
+                where = f"{split_flag} {split}: {flag} {name} has" if given else f"{flag} {name}:"
+                choose = "" if given else f" (choose one with {split_flag})"
+                raise ValueError(f"{where} no split {split!r}; its splits are {list(ds)}{choose}")
             ds = ds[split]
         label = name if kind == DATASET else f"{name} [{split}]"
     else:
