@@ -1,4 +1,4 @@
-"""Command line: `fused-dpo check`, `fused-dpo train ...`, `fused-dpo bench ...`."""
+"""Command line: `fused-dpo check`, `fused-dpo train ...`, `fused-dpo plan ...`, `fused-dpo bench ...`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: fused-dpo {train,check,bench} [options]   (fused-dpo COMMAND --help; "
+    usage = ("usage: fused-dpo {train,plan,check,bench} [options]   (fused-dpo COMMAND --help; "
              "fused-dpo --version)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train.cli import main as train
 
         return train(rest)
+    if cmd == "plan":
+        from .train.plan import main as plan
+
+        return plan(rest)
     if cmd == "bench":
         bench = _bench_main()
         if bench is None:

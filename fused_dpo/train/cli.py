@@ -26,7 +26,7 @@ import torch
 
 from .._argparse import ArgumentParser
 from ..losses import F_DIVERGENCES, LOSS_TYPES
-from . import rundir, trackers
+from . import plan, rundir, trackers
 from .config import CHOICES, DEFAULT_MAX_STEPS, PRESETS, DPOConfig, read_config_file
 
 DEFAULT_OUTPUT = Path(DPOConfig().output_dir)
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the split of --data (or --eval-data) to evaluate on, e.g. test")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in OUTPUT_DIR (default: the latest runs/default-N) from "
-                         "its checkpoint, with its config; only max_steps, num_epochs and the "
-                         "logging, eval and save cadence may change")
+                         "its checkpoint, with its config; only max_steps, num_epochs, the "
+                         "logging, eval and save cadence, --report-to, --save-model and "
+                         "--merge-lora may change")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the run in an existing --output-dir (refused without this)")
     ap.add_argument("--preset", choices=["margin-explosion"],
@@ -113,6 +114,12 @@ _HELP = {
     "max_steps": f": {DEFAULT_MAX_STEPS} steps, or num_epochs epochs when that is set; when both are "
                  f"set, max_steps wins, as in transformers' Trainer and TRL",
     "num_epochs": "; passes over the training pairs, used when max_steps is none",
+    "report_to": f"; one of {', '.join(CHOICES['report_to'])}: tensorboard writes OUTPUT_DIR/tensorboard "
+                 f"(`tensorboard --logdir` it), trackio its local store; metrics.jsonl is always written",
+    "save_model": "; OUTPUT_DIR/model/ (save_pretrained: from_pretrained loads it) is written at the end "
+                  "of a run; true writes it at every save too",
+    "merge_lora": "; with --lora-r, model/ holds the base weights with the adapters merged in (loads "
+                  "with from_pretrained alone) instead of the adapters (PeftModel.from_pretrained)",
     "output_dir": "; without this flag a new run goes to the first free one of runs/default, "
                   "runs/default-2, ...",
 }
@@ -220,6 +227,10 @@ def check_sources(sources: dict) -> None:
     if not any(p.iterdir()):
         raise ValueError(f"--model {model} is an empty directory, not a transformers checkpoint {save}")
     if not (p / "config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            raise ValueError(f"--model {model} holds LoRA adapters (adapter_config.json), not a whole "
+                             f"model: train on their base model, or export merged weights with "
+                             f"--merge-lora true")
         raise ValueError(f"--model {model} has no config.json: not a transformers checkpoint {save}")
     if not any(any(p.glob(pattern)) for pattern in TOKENIZER_FILES):
         raise ValueError(f"--model {model} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
@@ -253,6 +264,7 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
           f"parameters; data {sources['data']}: {len(train_rows)} train / {len(eval_rows)} held-out "
           f"pairs; output {cfg.output_dir}")
     trainer = DPOTrainer(model, None, tok, train_rows, eval_rows or None, cfg, sources=sources, dist=d)
+    trainer.run_json_extra = plan.announce(trainer, _say)  # the predicted peak, into run.json
     try:
         with _cpu_threads_for(model):
             result = trainer.train(resume=args.resume, progress=progress, overwrite=args.overwrite)

@@ -509,7 +509,7 @@ class DPOTrainer:
                                               "reference": self.ref_source,
                                               **({"lora": self.adapters} if self.lora else {}),
                                               **self._shape(), "fingerprints": self.fingerprints,
-                                              "resumes": []})
+                                              "resumes": [], **getattr(self, "run_json_extra", {})})
             atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
             atomic_write_text(self.out / rundir.METRICS, "")
         d.barrier()
