@@ -41,9 +41,9 @@ MODES = {
     "full_fp32": dict(dtype="float32", optim="adamw_torch", precision="bf16"),
 }
 TRL_MODES = {"trl_lora": "lora", "trl_qlora": "qlora"}
-FIELDS = ["mode", "shape", "max_length", "status", "peak_GiB", "predicted_GiB", "predicted/measured",
-          "step_s", "tokens_per_s", "device", "note"]
-GiB = 2**30
+FIELDS = ["mode", "shape", "pairs", "max_length", "status", "peak_MiB", "predicted_MiB",
+          "predicted/measured", "plan_fits", "step_s", "tokens_per_s", "device", "note"]
+MiB = 2**20
 
 
 def build_model(shape: str, dtype: torch.dtype, device: str, four_bit: bool, seed: int = 0):
@@ -106,36 +106,44 @@ def _pairs(n: int, max_length: int, vocab: int, seed: int = 0):
     return Tokenized(out)
 
 
-def _predicted(config, cfg, max_length: int, device: str) -> float | None:
-    try:
-        from fused_dpo.train.plan import Shape, estimate
-    except ImportError:
-        return None
-    return estimate(config, cfg, Shape(pairs=1, seq_len=max_length), device=device).peak / GiB
+def _plan(config, cfg, data, device: str) -> tuple[float | None, str]:
+    """`fused-dpo plan`'s predicted peak (MiB) for this step, as the trainer's own plan computes it
+    (the batch its data makes), and whether the plan says it fits on this device with slack."""
+    from fused_dpo.train.plan import estimate, shape_of
+
+    e = estimate(config, cfg, shape_of(data.pairs, cfg.batch_size), device=device)
+    fits = ""
+    if device == "cuda":
+        fits = "yes" if e.needed <= torch.cuda.get_device_properties(0).total_memory else "no"
+    return e.peak / MiB, fits
 
 
-def run_mode(mode: str, shape: str, max_length: int, steps: int, device: str, extra: dict | None = None):
-    """One row: the mode's peak, step time and tokens/s, or its OOM."""
+def run_mode(mode: str, shape: str, max_length: int, steps: int, device: str, extra: dict | None = None,
+             pairs: int = 1):
+    """One row: the mode's peak, step time and tokens/s (`pairs` pairs a step), or its OOM."""
     from fused_dpo.train.config import DPOConfig
     from fused_dpo.train.trainer import DPOTrainer
 
-    fields = {**MODES[mode], **(extra or {})}
+    fields = {"gradient_checkpointing": True, **MODES[mode], **(extra or {})}
     dtype = getattr(torch, fields["dtype"])
-    row = {"mode": mode, "shape": shape, "max_length": max_length, "device": _device_name(device),
-           "note": ",".join(f"{k}={v}" for k, v in (extra or {}).items())}
+    row = {"mode": mode, "shape": shape, "pairs": pairs, "max_length": max_length,
+           "device": _device_name(device), "note": ",".join(f"{k}={v}" for k, v in (extra or {}).items())}
     cuda = device == "cuda"
     model = trainer = None
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        model, config = build_model(shape, dtype, device, fields.get("load_in_4bit", False))
-        cfg = DPOConfig(batch_size=1, max_length=max_length, gradient_checkpointing=True,
-                        warmup_steps=0, max_steps=steps + 1, eval_fraction=0.0, lr_scheduler="constant",
-                        learning_rate=1e-5, output_dir="/nonexistent/fit", **fields)
+        cfg = DPOConfig(batch_size=pairs, max_length=max_length, warmup_steps=0, max_steps=steps + 1,
+                        eval_fraction=0.0, lr_scheduler="constant", learning_rate=1e-5,
+                        output_dir="/nonexistent/fit", **fields)
         if fields.get("precision") == "bf16" and device == "cpu":
             cfg.precision = "fp32"  # the CPU smoke run: autocast bf16 on a CPU is slow, not wrong
-        row["predicted_GiB"] = _fmt(_predicted(config, cfg, max_length, device))
-        data = _pairs(steps + 1, max_length, config.vocab_size)
+        from fused_dpo.train.plan import model_config
+
+        data = _pairs(pairs * (steps + 1), max_length, model_config(shape).vocab_size)
+        predicted, row["plan_fits"] = _plan(model_config(shape), cfg, data, device)
+        row["predicted_MiB"] = _fmt(predicted)
+        model, config = build_model(shape, dtype, device, fields.get("load_in_4bit", False))
         trainer = DPOTrainer(model, None, _tokenizer(), data, None, cfg)
         trainer.train_step()  # warm-up: kernels compiled, optimizer state allocated
         _sync(cuda)
@@ -144,19 +152,19 @@ def run_mode(mode: str, shape: str, max_length: int, steps: int, device: str, ex
             m = trainer.train_step()
         _sync(cuda)
         secs = (time.perf_counter() - t0) / steps
-        row.update(status="ok", step_s=f"{secs:.3f}", tokens_per_s=f"{2 * max_length / secs:.0f}",
-                   peak_GiB=_fmt(torch.cuda.max_memory_allocated() / GiB if cuda else None))
+        row.update(status="ok", step_s=f"{secs:.3f}", tokens_per_s=f"{2 * pairs * max_length / secs:.0f}",
+                   peak_MiB=_fmt(torch.cuda.max_memory_allocated() / MiB if cuda else None))
         if m is None or not torch.isfinite(torch.tensor(m["loss"])):
             row["status"] = "nonfinite loss"
     except torch.OutOfMemoryError:
-        row.update(status="OOM", peak_GiB=_fmt(torch.cuda.max_memory_allocated() / GiB if cuda else None))
+        row.update(status="OOM", peak_MiB=_fmt(torch.cuda.max_memory_allocated() / MiB if cuda else None))
     finally:
         del model, trainer
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if row.get("predicted_GiB") and row.get("peak_GiB") and row["status"] == "ok":
-        row["predicted/measured"] = f"{float(row['predicted_GiB']) / float(row['peak_GiB']):.3f}"
+    if row.get("predicted_MiB") and row.get("peak_MiB") and row["status"] == "ok":
+        row["predicted/measured"] = f"{float(row['predicted_MiB']) / float(row['peak_MiB']):.3f}"
     return row
 
 
@@ -209,9 +217,9 @@ def run_trl(mode: str, shape: str, max_length: int, steps: int, device: str) -> 
         t.train()
         secs = sum(times[1:]) / max(1, len(times) - 1)
         row.update(status="ok", step_s=f"{secs:.3f}", tokens_per_s=f"{2 * max_length / secs:.0f}",
-                   peak_GiB=_fmt(torch.cuda.max_memory_allocated() / GiB if cuda else None))
+                   peak_MiB=_fmt(torch.cuda.max_memory_allocated() / MiB if cuda else None))
     except torch.OutOfMemoryError:
-        row.update(status="OOM", peak_GiB=_fmt(torch.cuda.max_memory_allocated() / GiB if cuda else None))
+        row.update(status="OOM", peak_MiB=_fmt(torch.cuda.max_memory_allocated() / MiB if cuda else None))
     except Exception as e:  # a TRL failure is a row, not the end of the table
         row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     return row
@@ -237,7 +245,7 @@ def _tokenizer():
 
 
 def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}"
+    return "" if x is None else f"{x:.1f}"
 
 
 def _sync(cuda: bool) -> None:
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="4096,8192,16384,24576,32768",
                     help="--mode longest: the lengths tried, in order")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (default 2)")
+    ap.add_argument("--pairs", type=int, default=1, help="pairs per step (default 1)")
+    ap.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default="gpu_out/fit", help="folder of fit.csv")
     args = ap.parse_args(argv)
@@ -288,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             if mode in TRL_MODES:
                 emit(run_trl(mode, args.shape, args.max_length, args.steps, args.device))
             else:
-                emit(run_mode(mode, args.shape, args.max_length, args.steps, args.device))
+                extra = {"gradient_checkpointing": False} if args.no_checkpointing else None
+                emit(run_mode(mode, args.shape, args.max_length, args.steps, args.device, extra,
+                              pairs=args.pairs))
     return 0
 
 

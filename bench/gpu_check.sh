@@ -30,8 +30,11 @@
 #               (issue 23). Then TRL 1.16's DPOTrainer on the LoRA mode (when trl and datasets
 #               import; `python -m bench.fit --mode trl_qlora` is the QLoRA one), and the longest --max-length of LoRA with activation offloading
 #               and --padding-free. Needs bitsandbytes: its wheel travels in .whl (make gpu-wheels).
-#   6. plan     `fused-dpo plan` against the Qwen2-0.5B-shaped step of bench/train_step.py, and
-#               the activation-offloading CUDA test. Not built yet: says so and exits 0.
+#   6. plan     Is `fused-dpo plan` within 10% of max_memory_allocated at a smaller shape? The
+#               trainer's step on the Qwen2-0.5B shape of bench/train_step.py (4 pairs x 1024
+#               tokens) through bench/fit.py: fp32 masters with bf16 autocast, with and without
+#               gradient checkpointing, LoRA r16 on a bf16 base, QLoRA. Then the activation-offloading
+#               CUDA test (same gradients, lower peak).
 #
 # Budget: a group is at most 300 s, counting its stage timeouts plus the setup's timeouts (50 s).
 # The setup installs this checkout without dependencies, and Liger-Kernel, Cut-CE and TRL 1.16 from
@@ -54,10 +57,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-GROUPS_BUILT="correct perf ops train fit"
+GROUPS_BUILT="correct perf ops train fit plan"
 usage() {
   echo "usage: bash bench/gpu_check.sh [--dry-run] GROUP" >&2
-  echo "  GROUP, in priority order: correct, perf, ops, train, fit; plan is not built yet" >&2
+  echo "  GROUP, in priority order: correct, perf, ops, train, fit, plan" >&2
   echo "  (the header of bench/gpu_check.sh says what each group answers)" >&2
 }
 DRY=0
@@ -68,9 +71,6 @@ case " $GROUPS_BUILT " in
   *" $GROUP "*) ;;
   *)
     case "$GROUP" in
-      plan)
-        echo "gpu_check.sh $GROUP: not yet built (issue 23's fused-dpo plan); nothing to run"
-        exit 0 ;;
       *) echo "gpu_check.sh: unknown group '$GROUP'" >&2; usage; exit 2 ;;
     esac ;;
 esac
@@ -226,6 +226,21 @@ group_fit() {
     python3 -m bench.fit --mode trl_lora --out "$OUT/fit"
   stage 40 "fit: longest --max-length for (b) with activation offloading and --padding-free (goal >= 16k)" \
     python3 -m bench.fit --mode longest --lengths 8192,16384,24576 --steps 1 --out "$OUT/fit"
+}
+
+group_plan() {
+  # The Qwen2-0.5B shape: 0.5B parameters built in seconds; a step of 8 x 1024 tokens well under a
+  # second (bench/train_step.py: about 0.3 s in 2026-11); plan, build, warm-up and two steps per mode
+  stage 55 "plan vs measured: Qwen2-0.5B-shaped trainer step, fp32 masters + bf16 autocast, checkpointing" \
+    python3 -m bench.fit --shape qwen2-0.5b --pairs 4 --mode full_fp32 --out "$OUT/plan"
+  stage 55 "plan vs measured: the same without gradient checkpointing" \
+    python3 -m bench.fit --shape qwen2-0.5b --pairs 4 --mode full_fp32 --no-checkpointing --out "$OUT/plan"
+  stage 45 "plan vs measured: LoRA r16 on a bf16 base" \
+    python3 -m bench.fit --shape qwen2-0.5b --pairs 4 --mode lora --out "$OUT/plan"
+  stage 45 "plan vs measured: QLoRA r16" \
+    python3 -m bench.fit --shape qwen2-0.5b --pairs 4 --mode qlora --out "$OUT/plan"
+  SIG=INT stage 45 "activation offloading on CUDA: same gradients, lower peak (tests/test_offload.py -m cuda)" \
+    python3 -m pytest -x -m cuda --durations=5 -p no:cacheprovider tests/test_offload.py
 }
 
 OUT=${OUT:-$(pwd)/gpu_out}

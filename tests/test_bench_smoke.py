@@ -207,3 +207,26 @@ def test_packed_vp_bench_smoke(capsys):
     agree = float(out.split("log-probs agree to ")[1].split()[0])
     assert agree < 1e-5, out  # packed and padded model passes give the same per-sequence log-probs
     assert "process_group" in out and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("mode", ["qlora", "full_8bit", "trl_lora"])
+def test_fit_bench_smoke(tmp_path, mode, capsys, monkeypatch):
+    """bench/fit.py's code paths on the tiny shape (CPU): the row is measured and written, with the
+    plan's prediction beside ours."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import _empty, _empty_like
+
+    from bench.fit import main as fit
+
+    # conftest's NaN poisoning off: the plan's torch.device("meta") context does not see through
+    # its wrapper of torch.empty (tests/test_plan.py says why)
+    monkeypatch.setattr(torch, "empty", _empty)
+    monkeypatch.setattr(torch, "empty_like", _empty_like)
+
+    assert fit(["--shape", "tiny", "--device", "cpu", "--mode", mode, "--max-length", "32",
+                "--steps", "1", "--out", str(tmp_path)]) == 0
+    (row,) = csv.DictReader((tmp_path / "fit.csv").open())
+    assert row["mode"] == mode and row["status"] == "ok", row
+    assert float(row["step_s"]) > 0 and float(row["tokens_per_s"]) > 0
+    if not mode.startswith("trl"):
+        assert float(row["predicted_MiB"]) > 0
