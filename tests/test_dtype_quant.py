@@ -54,7 +54,7 @@ MATRIX = [(d, lora, q) for d in DT for lora in (False, True) for q in (False, Tr
           if (lora or not q) and not (d == "float16" and not lora)]
 
 
-@pytest.mark.filterwarnings("ignore:dtype bfloat16 with full fine-tuning")
+@pytest.mark.filterwarnings("ignore:bfloat16 weights with full fine-tuning")
 @pytest.mark.parametrize("dtype,lora,q", MATRIX,
                          ids=[f"{d}-{'lora' if lo else 'full'}{'-nf4' if q else ''}" for d, lo, q in MATRIX])
 def test_every_dtype_trains_through_the_hidden_path(tmp_path, monkeypatch, dtype, lora, q):
@@ -198,7 +198,7 @@ def test_qlora_on_a_local_checkpoint(tmp_path, capsys):
      "merge_lora with load_in_4bit: the adapters cannot be merged into NF4"),
     (["--dtype", "float16", "--lora-r", "4", "--optim", "adamw_anyprecision"],
      "dtype float16 with optim adamw_anyprecision"),
-    (["--dtype", "float16"], "dtype float16 with full fine-tuning is refused"),
+    (["--dtype", "float16"], "full fine-tuning of float16 weights is refused"),
     (["--dtype", "half"], "dtype must be one of auto, bfloat16, float16, float32; got 'half'"),
 ], ids=["4bit-no-lora", "4bit-fsdp2", "4bit-merge", "fp16-anyprecision", "fp16-full", "dtype-typo"])
 def test_refused_combinations(tmp_path, capsys, flags, text):
@@ -210,7 +210,7 @@ def test_refused_combinations(tmp_path, capsys, flags, text):
 
 def test_bf16_full_fine_tuning_warns_once_unless_kahan(monkeypatch):
     monkeypatch.setattr(config, "WARNED_BF16", set())
-    with pytest.warns(UserWarning, match="dtype bfloat16 with full fine-tuning and optim adamw_torch"):
+    with pytest.warns(UserWarning, match="bfloat16 weights with full fine-tuning and optim adamw_torch"):
         DPOConfig(dtype="bfloat16").validate()
     assert config.WARNED_BF16 == {"adamw_torch"}
     with warnings.catch_warnings():
@@ -241,3 +241,23 @@ def test_qlora_gradient_checkpointing_gives_the_same_steps(tmp_path):
                     gradient_checkpointing=gc)
         losses[gc] = [t.train_step()["loss"] for _ in range(3)]
     assert losses[True] == losses[False] and losses[False][-1] != losses[False][0]
+
+
+def test_dtype_auto_is_checked_on_the_weights_loaded(tmp_path, capsys, monkeypatch):
+    """--dtype auto keeps the file's dtype, which the config cannot see: an fp16 checkpoint's full
+    fine-tuning is refused when the optimizer meets its weights (before anything is written), and
+    a bf16 one warns that its updates round to bf16."""
+    tok = train_tokenizer(TEXTS)
+    fp16 = tmp_path / "fp16"
+    tiny_llama(len(tok), seed=0, hidden=32, layers=1).half().save_pretrained(fp16)
+    tok.save_pretrained(fp16)
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "run"
+    flags = ["--data", "zen", "--dtype", "auto", "--max-length", "32", "--batch-size", "2",
+             "--max-steps", "1", "--no-progress", "--output-dir", str(out)]
+    assert cli_main(["--model", str(fp16), *flags]) == 2
+    one_error_line(capsys, "full fine-tuning of float16 weights is refused")
+    assert not out.exists()
+    monkeypatch.setattr(config, "WARNED_BF16", set())
+    with pytest.warns(UserWarning, match="bfloat16 weights with full fine-tuning and optim adamw_torch"):
+        assert cli_main(["--model", bf16_checkpoint(tmp_path), *flags]) == 0

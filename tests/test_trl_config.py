@@ -354,3 +354,15 @@ def test_the_table_names_trl_keys_and_their_defaults():
     assert (defaults["model_revision"], defaults["truncation_mode"], defaults["max_steps"]) == (
         "main", "keep_start", -1)
     assert defaults["disable_dropout"] is True and defaults["eval_strategy"] == "no"
+
+
+def test_eval_strategy_steps_evaluates_on_the_test_split_as_trl_dpo_does():
+    """`trl dpo` with eval_strategy steps evaluates on the dataset's "test" split (its
+    dataset_test_split default) every logging_steps (TRL's default 10), training on the whole train
+    split; an explicit dataset_test_split wins."""
+    from fused_dpo.train.trl_config import split
+
+    base = {"model_name_or_path": "m", "dataset_name": "d", "eval_strategy": "steps"}
+    assert split(base, "c.yaml") == ({"eval_steps": 10}, {"model": "m", "data": "d", "eval_split": "test"})
+    fields, sources = split({**base, "dataset_test_split": "val", "logging_steps": 5}, "c.yaml")
+    assert fields["eval_steps"] == 5 and sources["eval_split"] == "val"

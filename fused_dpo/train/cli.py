@@ -95,15 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "flags apply to both)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is drawn only when stdout and stderr are a terminal)")
+    add_config_flags(ap)
+    return ap
+
+
+def add_config_flags(ap: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """A flag for each DPOConfig field (or those in `names`), stored as `cfg_<field>`."""
     defaults = DPOConfig().to_dict()
     hints = typing.get_type_hints(DPOConfig)
     for f in dataclasses.fields(DPOConfig):
+        if names is not None and f.name not in names:
+            continue
         # a boolean flag alone means true (`--load-in-4bit`, as TRL's CLI reads it), or takes a value
         flag = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
         ap.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
                         metavar="VALUE", type=lambda s, f=f: _parse_value(f, s), **flag,
                         help=f"DPOConfig.{f.name} (default {defaults[f.name]}{_HELP.get(f.name, '')})")
-    return ap
 
 
 # What --help adds to a field's line; the allowed values come from the library's own constants.

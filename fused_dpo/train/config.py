@@ -133,6 +133,7 @@ class DPOConfig:
     def _validate_lora(self) -> None:
         if self.lora_r is None:
             given = [k for k in ("lora_alpha", "lora_target_modules") if getattr(self, k) is not None]
+            given += ["merge_lora"] if self.merge_lora else []
             if given:
                 raise ValueError(f"{' and '.join(given)} set but lora_r is none (LoRA off): set lora_r "
                                  f"to train LoRA adapters")
@@ -176,25 +177,7 @@ class DPOConfig:
             raise ValueError("optim adamw_anyprecision is made for bfloat16 weights in full fine-tuning "
                              "(Kahan-compensated updates), not for LoRA adapters, which train in "
                              "float32: use adamw_torch")
-        if self.dtype == "float16" and self.lora_r is None:
-            # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
-            raise ValueError("dtype float16 with full fine-tuning is refused: the weights, gradients "
-                             "and AdamW moments would all be fp16 with no GradScaler, so a squared "
-                             "gradient below 6e-8 flushes to 0 and AdamW's eps (1e-8) is 0 in fp16: "
-                             "the update divides by zero. Use dtype bfloat16 or float32 (with "
-                             "--precision fp16 for fp16 compute), or LoRA (lora_r), whose adapters "
-                             "train in fp32 on the frozen fp16 base")
-        rounded = self.dtype == "bfloat16" and self.lora_r is None and self.optim != "adamw_anyprecision"
-        if rounded and self.optim not in WARNED_BF16:
-            # Once a process: validate runs for every config built (the CLI's, the trainer's check),
-            # and transformers' warning filters reset Python's own once-per-place memory.
-            import warnings
-
-            WARNED_BF16.add(self.optim)
-            warnings.warn(f"dtype bfloat16 with full fine-tuning and optim {self.optim}: each update is "
-                          f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% "
-                          f"of a weight's size round away; optim adamw_anyprecision keeps them "
-                          f"(Kahan summation), dtype float32 keeps fp32 master weights", stacklevel=2)
+        check_weight_dtype(self, self.dtype)
 
     @property
     def effective_lora_alpha(self) -> float | None:
@@ -246,6 +229,33 @@ CHOICES = {
 }
 
 WARNED_BF16: set[str] = set()  # the optimizers DPOConfig has warned about with bf16 full fine-tuning
+
+
+def check_weight_dtype(cfg: DPOConfig, dtype: str) -> None:
+    """Full fine-tuning of `dtype` weights: refused for float16, a warning (once a process and
+    optimizer) for bfloat16 without adamw_anyprecision. Called with the config's --dtype when it is
+    checked, and with the dtype of the weights really trained when the optimizer is built
+    (`optim.build`): --dtype auto keeps a checkpoint's, and from Python a model comes in any."""
+    if cfg.lora_r is not None:
+        return
+    if dtype == "float16":
+        # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
+        raise ValueError("full fine-tuning of float16 weights is refused: the weights, gradients and "
+                         "AdamW moments would all be fp16 with no GradScaler, so a squared gradient "
+                         "below 6e-8 flushes to 0 and AdamW's eps (1e-8) is 0 in fp16: the update "
+                         "divides by zero. Use dtype bfloat16 or float32 (with --precision fp16 for "
+                         "fp16 compute), or LoRA (lora_r), whose adapters train in fp32 on the frozen "
+                         "fp16 base")
+    if dtype == "bfloat16" and cfg.optim != "adamw_anyprecision" and cfg.optim not in WARNED_BF16:
+        # Once a process: validate runs for every config built (the CLI's, the trainer's check),
+        # and transformers' warning filters reset Python's own once-per-place memory.
+        import warnings
+
+        WARNED_BF16.add(cfg.optim)
+        warnings.warn(f"bfloat16 weights with full fine-tuning and optim {cfg.optim}: each update is "
+                      f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% of "
+                      f"a weight's size round away; optim adamw_anyprecision keeps them (Kahan "
+                      f"summation), dtype float32 keeps fp32 master weights", stacklevel=3)
 
 ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head
 

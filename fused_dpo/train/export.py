@@ -172,6 +172,10 @@ def model_card(trainer, path: Path, adapters_only: bool, dtypes: list[str]) -> s
                      f"{kind}")
     lines.append(f"- Weights: {', '.join(dtypes)} safetensors, the dtype they trained in "
                  f"(--precision {cfg.precision}: {COMPUTE[cfg.precision]})")
+    if adapters_only:
+        how = (f"linear layers in NF4 (bitsandbytes, double quantisation, bf16 compute), the rest in "
+               f"--dtype {cfg.dtype}" if cfg.load_in_4bit else f"--dtype {cfg.dtype}")
+        lines.append(f"- Base loaded as: {how}; the adapters trained on that base")
     ev = _last_eval(trainer.out / rundir.METRICS)
     if ev:
         lines.append(f"- Held-out metrics at step {ev['step']}: " + ", ".join(
@@ -182,8 +186,21 @@ def model_card(trainer, path: Path, adapters_only: bool, dtypes: list[str]) -> s
         # tiny and smollm2 are fused_dpo's own names (models.load_model), not from_pretrained's
         named = base not in (None, "tiny", "smollm2")
         arg, note = (repr(base), "") if named else ("BASE_MODEL", f"  # {base or 'the base model'}")
+        kwargs = ""
+        if cfg.load_in_4bit:
+            from .quant import head_name
+
+            head = head_name(trainer.model.get_base_model())
+            load = ("import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, "
+                    "BitsAndBytesConfig\n\n"
+                    "nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+                    "bnb_4bit_use_double_quant=True,\n                         "
+                    f"bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=[{head!r}])\n")
+            kwargs = ", quantization_config=nf4"
+        if cfg.dtype != "float32":
+            kwargs += f", dtype={cfg.dtype!r}"
         load = (f"from peft import PeftModel\n{load}"
-                f"base = AutoModelForCausalLM.from_pretrained({arg}){note}\n"
+                f"base = AutoModelForCausalLM.from_pretrained({arg}{kwargs}){note}\n"
                 f"model = PeftModel.from_pretrained(base, {here})\n")
     else:
         load += f"model = AutoModelForCausalLM.from_pretrained({here})\n"

@@ -76,6 +76,11 @@ def build(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
                          f"same optimizer, unpaged")
     if name in FSDP2_UNSUPPORTED and any(hasattr(p, "to_local") for p in params):
         raise ValueError(fsdp2_refusal(name))
+    from .config import check_weight_dtype
+
+    for dtype in sorted({str(p.dtype).removeprefix("torch.") for p in params}):
+        if name != "adamw_anyprecision":  # which refuses every dtype but bf16 itself
+            check_weight_dtype(cfg, dtype)  # the weights really trained (--dtype auto: the file's)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "adamw_torch_fused":

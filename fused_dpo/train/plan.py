@@ -885,7 +885,7 @@ FIELDS = ("dtype", "precision", "lora_r", "lora_target_modules", "load_in_4bit",
 
 def build_parser():
     from .._argparse import ArgumentParser
-    from .cli import _HELP, _parse_value
+    from .cli import add_config_flags
 
     ap = ArgumentParser(prog="fused-dpo plan", description="Will a DPO run fit in GPU memory? The "
                         "predicted peak per rank of one training step, from the model's config on the "
@@ -906,13 +906,7 @@ def build_parser():
     ap.add_argument("--gpu-memory-gib", type=float, default=None,
                     help="the budget per GPU in GiB (default: the CUDA device's total memory)")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON record")
-    defaults = DPOConfig().to_dict()
-    fields = {f.name: f for f in dataclasses.fields(DPOConfig)}
-    for name in FIELDS:
-        f = fields[name]
-        ap.add_argument("--" + name.replace("_", "-"), dest="cfg_" + name, default=None, metavar="VALUE",
-                        type=lambda s, f=f: _parse_value(f, s),
-                        help=f"DPOConfig.{name} (default {defaults[name]}{_HELP.get(name, '')})")
+    add_config_flags(ap, FIELDS)
     return ap
 
 

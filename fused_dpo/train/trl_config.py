@@ -446,9 +446,17 @@ def _implied(d: dict) -> dict:
         out["lora_alpha"] = float(TRL_LORA_ALPHA)  # TRL's, not our 2 * lora_r
     if d.get("lr_scheduler_type") == "constant":
         out["warmup_steps"] = 0  # transformers' constant schedule has no warm-up
-    if _strategy(d.get("eval_strategy")) == "steps" and "eval_steps" not in d and "logging_steps" in d:
-        out["eval_steps"] = _steps(d["logging_steps"], d)  # transformers' default for eval_steps
+    if _strategy(d.get("eval_strategy")) == "steps":
+        if "eval_steps" not in d:
+            # transformers' default for eval_steps is logging_steps, TRL's DPOConfig default 10
+            out["eval_steps"] = _steps(d["logging_steps"], d) if "logging_steps" in d else TRL_LOGGING_STEPS
+        if "dataset_test_split" not in d and "dataset_name" in d:
+            # trl dpo evaluates on the dataset's "test" split and trains on the whole train split
+            out["eval_split"] = "test"
     return out
+
+
+TRL_LOGGING_STEPS = 10  # TRL 1.16's DPOConfig.logging_steps
 
 
 def read_yaml(text: str, path: str | Path):
