@@ -814,6 +814,9 @@ def _changes(cfg: DPOConfig) -> list[tuple[str, dict]]:
         out.append(("--dtype bfloat16", {"dtype": "bfloat16"}) if cfg.lora_r is not None else
                    ("--dtype bfloat16 --optim adamw_anyprecision",
                     {"dtype": "bfloat16", "optim": "adamw_anyprecision"}))
+        if cfg.lora_r is None and cfg.optim != "adamw_8bit":
+            # bf16 weights with 8-bit moments: ~6 bytes a parameter, full fine-tuning kept
+            out.append(("--dtype bfloat16 --optim adamw_8bit", {"dtype": "bfloat16", "optim": "adamw_8bit"}))
     if cfg.lora_r is None:
         out.append(("--lora-r 16", {"lora_r": 16}))
     if not cfg.load_in_4bit and cfg.parallel != "fsdp2":
