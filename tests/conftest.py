@@ -3,6 +3,7 @@
 import os
 
 import torch
+import torch.utils._device as torch_device
 
 if not torch.cuda.is_available():
     # Must happen before triton is imported anywhere: kernels then run on CPU tensors.
@@ -20,6 +21,10 @@ def device():
 
 
 _empty, _empty_like = torch.empty, torch.empty_like
+# torch.device("meta") recognises factory functions by identity, from a set cached at its first use:
+# filled now, with the real torch.empty, it is not poisoned by the wrapper below (under which the
+# plan's meta skeletons would allocate their weights for real: 32 GB for llama3-8b).
+torch_device._device_constructors()
 
 
 def _poison(t):

@@ -14,7 +14,7 @@ import torch
 from helpers import one_error_line
 
 from fused_dpo import get_logps
-from fused_dpo.train import config, hf
+from fused_dpo.train import hf, optim
 from fused_dpo.train.checkpoint import weights_fingerprint
 from fused_dpo.train.cli import main as cli_main
 from fused_dpo.train.config import DPOConfig
@@ -209,10 +209,10 @@ def test_refused_combinations(tmp_path, capsys, flags, text):
 
 
 def test_bf16_full_fine_tuning_warns_once_unless_kahan(monkeypatch):
-    monkeypatch.setattr(config, "WARNED_BF16", set())
+    monkeypatch.setattr(optim, "WARNED_BF16", set())
     with pytest.warns(UserWarning, match="bfloat16 weights with full fine-tuning and optim adamw_torch"):
         DPOConfig(dtype="bfloat16").validate()
-    assert config.WARNED_BF16 == {"adamw_torch"}
+    assert optim.WARNED_BF16 == {"adamw_torch"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DPOConfig(dtype="bfloat16")  # said once a process
@@ -258,6 +258,6 @@ def test_dtype_auto_is_checked_on_the_weights_loaded(tmp_path, capsys, monkeypat
     assert cli_main(["--model", str(fp16), *flags]) == 2
     one_error_line(capsys, "full fine-tuning of float16 weights is refused")
     assert not out.exists()
-    monkeypatch.setattr(config, "WARNED_BF16", set())
+    monkeypatch.setattr(optim, "WARNED_BF16", set())
     with pytest.warns(UserWarning, match="bfloat16 weights with full fine-tuning and optim adamw_torch"):
         assert cli_main(["--model", bf16_checkpoint(tmp_path), *flags]) == 0

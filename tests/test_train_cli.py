@@ -68,9 +68,9 @@ def test_flag_errors(tmp_path, capsys, flags, text):
 def test_negative_numbers_and_none_parse():
     args = build_parser().parse_args(["--max-grad-norm", "none", "--simpo-gamma=-0.5"])
     assert args.cfg_max_grad_norm is None and args.cfg_simpo_gamma == -0.5
-    from fused_dpo.train.cli import _join_negative_values
+    from fused_dpo.train.flags import join_negative_values
 
-    args = build_parser().parse_args(_join_negative_values(["--simpo-gamma", "-1e-3"]))
+    args = build_parser().parse_args(join_negative_values(["--simpo-gamma", "-1e-3"]))
     assert args.cfg_simpo_gamma == -1e-3
 
 

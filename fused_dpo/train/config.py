@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._common import IMPLS
 from ..losses import REFERENCE_FREE, check_loss_options
-from .optim import FSDP2_UNSUPPORTED, fsdp2_refusal
+from .optim import FSDP2_UNSUPPORTED, check_weight_dtype, fsdp2_refusal
 from .optim import NAMES as OPTIMIZERS
 
 
@@ -228,34 +230,7 @@ CHOICES = {
     "report_to": ("none", "tensorboard", "trackio"),
 }
 
-WARNED_BF16: set[str] = set()  # the optimizers DPOConfig has warned about with bf16 full fine-tuning
 
-
-def check_weight_dtype(cfg: DPOConfig, dtype: str) -> None:
-    """Full fine-tuning of `dtype` weights: refused for float16, a warning (once a process and
-    optimizer) for bfloat16 without adamw_anyprecision. Called with the config's --dtype when it is
-    checked, and with the dtype of the weights really trained when the optimizer is built
-    (`optim.build`): --dtype auto keeps a checkpoint's, and from Python a model comes in any."""
-    if cfg.lora_r is not None:
-        return
-    if dtype == "float16":
-        # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
-        raise ValueError("full fine-tuning of float16 weights is refused: the weights, gradients and "
-                         "AdamW moments would all be fp16 with no GradScaler, so a squared gradient "
-                         "below 6e-8 flushes to 0 and AdamW's eps (1e-8) is 0 in fp16: the update "
-                         "divides by zero. Use dtype bfloat16 or float32 (with --precision fp16 for "
-                         "fp16 compute), or LoRA (lora_r), whose adapters train in fp32 on the frozen "
-                         "fp16 base")
-    if dtype == "bfloat16" and cfg.optim != "adamw_anyprecision" and cfg.optim not in WARNED_BF16:
-        # Once a process: validate runs for every config built (the CLI's, the trainer's check),
-        # and transformers' warning filters reset Python's own once-per-place memory.
-        import warnings
-
-        WARNED_BF16.add(cfg.optim)
-        warnings.warn(f"bfloat16 weights with full fine-tuning and optim {cfg.optim}: each update is "
-                      f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% of "
-                      f"a weight's size round away; optim adamw_anyprecision keeps them (Kahan "
-                      f"summation), dtype float32 keeps fp32 master weights", stacklevel=3)
 
 ALL_LINEAR = "all-linear"  # lora_target_modules: peft's word for every linear layer but lm_head
 
@@ -285,7 +260,6 @@ def read_config_file(path: str | Path) -> dict:
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config {path}: not valid TOML ({e})") from None
     elif suffix in (".yaml", ".yml"):
-        from .trl_config import read_yaml
 
         d = read_yaml(text, path)
     else:
@@ -342,3 +316,46 @@ PRESETS = {
     "margin-explosion-fixed": dict(batch_size=16, loss_reduction="mean", beta=0.1,
                                    learning_rate=1e-3, lr_scheduler="cosine", max_grad_norm=1.0),
 }
+
+
+def read_yaml(text: str, path: str | Path):
+    """A YAML config file's contents (the format `trl dpo --config` reads), by PyYAML's safe_load
+    with two changes: `1e-6` is a float (YAML 1.2 and JSON read it so, YAML 1.1 wants `1.0e-6`,
+    and TRL's parser turns it into one), and a key given twice is an error (PyYAML keeps the last).
+    ValueError naming the file and the line."""
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"config {path}: reading YAML needs PyYAML: pip install pyyaml") from None
+    try:
+        d = yaml.load(text, Loader=_yaml_loader())
+    except yaml.MarkedYAMLError as e:
+        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
+        raise ValueError(f"config {path}: not valid YAML ({line}{e.problem})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path}: not valid YAML ({e})") from None
+    if d is None:
+        raise ValueError(f"config {path}: the file holds no keys")
+    return d
+
+
+@functools.cache
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} given twice (first on line {first[key]})",
+                            key_node.start_mark)
+                    first[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader

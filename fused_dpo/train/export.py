@@ -113,7 +113,11 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         extra = {"save_embedding_layers": False} if adapters_only else {}
         with _quiet_bars():
             model.save_pretrained(tmp, state_dict=state, **extra)
-        trainer.tokenizer.save_pretrained(tmp)
+        if hasattr(trainer.tokenizer, "save_pretrained"):  # from Python, any object with the ids
+            trainer.tokenizer.save_pretrained(tmp)
+        else:
+            print(f"model/: the tokenizer ({type(trainer.tokenizer).__name__}) has no save_pretrained "
+                  f"and is not saved beside the weights")
         # peft writes a README.md template of its own: the card replaces it
         (tmp / "README.md").write_text(model_card(trainer, final, adapters_only, dtypes))
         for f in tmp.iterdir():

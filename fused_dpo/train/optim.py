@@ -76,8 +76,6 @@ def build(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
                          f"same optimizer, unpaged")
     if name in FSDP2_UNSUPPORTED and any(hasattr(p, "to_local") for p in params):
         raise ValueError(fsdp2_refusal(name))
-    from .config import check_weight_dtype
-
     for dtype in sorted({str(p.dtype).removeprefix("torch.") for p in params}):
         if name != "adamw_anyprecision":  # which refuses every dtype but bf16 itself
             check_weight_dtype(cfg, dtype)  # the weights really trained (--dtype auto: the file's)
@@ -288,3 +286,33 @@ def state_bytes(name: str, params: list[tuple[tuple[int, ...], torch.dtype]],
     if device == "cpu":
         return {"device": dev + host, "host": 0}
     return {"device": dev, "host": host}
+
+
+WARNED_BF16: set[str] = set()  # the optimizers DPOConfig has warned about with bf16 full fine-tuning
+
+
+def check_weight_dtype(cfg, dtype: str) -> None:
+    """Full fine-tuning of `dtype` weights: refused for float16, a warning (once a process and
+    optimizer) for bfloat16 without adamw_anyprecision. Called with the config's --dtype when it is
+    checked, and with the dtype of the weights really trained when the optimizer is built
+    (`optim.build`): --dtype auto keeps a checkpoint's, and from Python a model comes in any."""
+    if cfg.lora_r is not None:
+        return
+    if dtype == "float16":
+        # Measured (torch 2.13): AdamW on fp16 weights with gradients of 1e-3 reaches -inf in 3 steps.
+        raise ValueError("full fine-tuning of float16 weights is refused: the weights, gradients and "
+                         "AdamW moments would all be fp16 with no GradScaler, so a squared gradient "
+                         "below 6e-8 flushes to 0 and AdamW's eps (1e-8) is 0 in fp16: the update "
+                         "divides by zero. Use dtype bfloat16 or float32 (with --precision fp16 for "
+                         "fp16 compute), or LoRA (lora_r), whose adapters train in fp32 on the frozen "
+                         "fp16 base")
+    if dtype == "bfloat16" and cfg.optim != "adamw_anyprecision" and cfg.optim not in WARNED_BF16:
+        # Once a process: validate runs for every config built (the CLI's, the trainer's check),
+        # and transformers' warning filters reset Python's own once-per-place memory.
+        import warnings
+
+        WARNED_BF16.add(cfg.optim)
+        warnings.warn(f"bfloat16 weights with full fine-tuning and optim {cfg.optim}: each update is "
+                      f"rounded to the weight's bf16 (8 significant bits), so steps below 0.2-0.4% of "
+                      f"a weight's size round away; optim adamw_anyprecision keeps them (Kahan "
+                      f"summation), dtype float32 keeps fp32 master weights", stacklevel=3)

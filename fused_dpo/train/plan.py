@@ -163,6 +163,11 @@ def build_model(config, cfg: DPOConfig) -> Model:
     from . import lora
 
     dtype = weight_dtype(cfg, config)
+    with torch.device("meta"):
+        if not torch.empty(1).is_meta:  # else the skeleton's weights would really be allocated
+            raise RuntimeError("torch.device('meta') does not capture torch.empty here (it was "
+                               "replaced after torch cached its factory functions): the plan would "
+                               "allocate the model's weights")
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -888,7 +893,7 @@ FIELDS = ("dtype", "precision", "lora_r", "lora_target_modules", "load_in_4bit",
 
 def build_parser():
     from .._argparse import ArgumentParser
-    from .cli import add_config_flags
+    from .flags import add_config_flags
 
     ap = ArgumentParser(prog="fused-dpo plan", description="Will a DPO run fit in GPU memory? The "
                         "predicted peak per rank of one training step, from the model's config on the "
@@ -1072,9 +1077,9 @@ def format_plan(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        from .cli import _join_negative_values
+        from .flags import join_negative_values
 
-        args = build_parser().parse_args(_join_negative_values(argv))
+        args = build_parser().parse_args(join_negative_values(argv))
         budget = _budget(args.gpu_memory_gib)
         cfg = _config_of(args)
         config = model_config(args.model, args.revision)

@@ -38,10 +38,8 @@ error naming the key and listing the supported ones: nothing is ignored silently
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -459,44 +457,3 @@ def _implied(d: dict) -> dict:
 TRL_LOGGING_STEPS = 10  # TRL 1.16's DPOConfig.logging_steps
 
 
-def read_yaml(text: str, path: str | Path):
-    """A YAML config file's contents (the format `trl dpo --config` reads), by PyYAML's safe_load
-    with two changes: `1e-6` is a float (YAML 1.2 and JSON read it so, YAML 1.1 wants `1.0e-6`,
-    and TRL's parser turns it into one), and a key given twice is an error (PyYAML keeps the last).
-    ValueError naming the file and the line."""
-    try:
-        import yaml
-    except ImportError:
-        raise ValueError(f"config {path}: reading YAML needs PyYAML: pip install pyyaml") from None
-    try:
-        d = yaml.load(text, Loader=_yaml_loader())
-    except yaml.MarkedYAMLError as e:
-        line = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
-        raise ValueError(f"config {path}: not valid YAML ({line}{e.problem})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"config {path}: not valid YAML ({e})") from None
-    if d is None:
-        raise ValueError(f"config {path}: the file holds no keys")
-    return d
-
-
-@functools.cache
-def _yaml_loader():
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            first: dict = {}
-            for key_node, _ in node.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                    key = self.construct_object(key_node)
-                    if key in first:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} given twice (first on line {first[key]})",
-                            key_node.start_mark)
-                    first[key] = key_node.start_mark.line + 1
-            return super().construct_mapping(node, deep)
-
-    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
-    return Loader
