@@ -180,3 +180,9 @@ if __name__ == "__main__":
         if distributed.Dist(rank=int(os.environ.get("RANK", "0"))).main:
             (out / f"result-{scenario}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()
+    # Every result is written. Under load, 2 of about 8 full-suite runs saw rank 1 abort after this
+    # point ("terminate called without an active exception", a C++ thread torn down at interpreter
+    # exit; not reproduced in direct launches): end without the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
