@@ -211,3 +211,12 @@ def check_resumable(s: dict, run: dict, config: dict, fingerprints: dict, check_
 
 def describe_changes(d: dict) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in d.items())
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: the renames into it) by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, lora, rundir
-from .checkpoint import tmp_path
+from .checkpoint import fsync_path, tmp_path
 from .models import COMPUTE
 
 
@@ -121,13 +121,13 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         # peft writes a README.md template of its own: the card replaces it
         (tmp / "README.md").write_text(model_card(trainer, final, adapters_only, dtypes))
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         old = tmp.with_name(tmp.name + "-old")  # a leftover to `temporaries` too
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync(out)
+        fsync_path(out)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,13 +148,6 @@ def _quiet_bars():
         if off:
             hf_logging.enable_progress_bar()
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_card(trainer, path: Path, adapters_only: bool, dtypes: list[str]) -> str:

@@ -141,6 +141,14 @@ def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, 
     p.addcdiv_(m, denom, value=-step_size)
 
 
+def _closure(closure):
+    """The loss of an optimizer's `closure` (re-evaluated with autograd on), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _StatedAdamW(torch.optim.Optimizer):
     """Our AdamWs' common part: the hyperparameters, and a load_state_dict that keeps each state
     tensor's own dtype and puts it where `_home` says. torch's casts every floating state tensor to
@@ -190,10 +198,7 @@ class HostAdamW(_StatedAdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure(closure)
         for group, p, state in self._grads():
             pin = p.device.type == "cuda"
             if not state:
@@ -226,10 +231,7 @@ class KahanAdamW(_StatedAdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure(closure)
         for group, p, state in self._grads():
             if p.dtype != torch.bfloat16:
                 _check_bf16({p.dtype})

@@ -18,14 +18,13 @@ number of ranks that wrote it.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, atomic_write_bytes, atomic_write_text
+from .checkpoint import FORMAT, atomic_write_bytes, atomic_write_text, fsync_path
 from .distributed import Dist
 from .rundir import SHARDED as DIR  # beside checkpoint.pt of a single-process run; one or the other
 
@@ -68,11 +67,11 @@ def save(out: Path, d: Dist, model, optimizer, state: dict, adapters_only: bool)
     if d.main:
         atomic_write_bytes(target / TRAINER, lambda f: torch.save(
             {**state, "format": FORMAT, "world_size": d.world, "parallel": d.parallel}, f))
-    _fsync_dir(target)  # the renames into it, too, before LATEST can name it
+    fsync_path(target)  # the renames into it, too, before LATEST can name it
     d.barrier()  # every rank's files are on disk
     if d.main:
         atomic_write_text(root / LATEST, name + "\n")
-        _fsync_dir(root)
+        fsync_path(root)
         for p in root.iterdir():
             if p.is_dir() and p.name != name:
                 shutil.rmtree(p)
@@ -161,10 +160,3 @@ def load_model_state(run_dir: str | Path, model: torch.nn.Module) -> int:
     model.load_state_dict(box["model"], strict=False)  # box holds exactly sd's keys, all read
     return s["step"]
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
