@@ -12,6 +12,8 @@ Rank 0 writes what the test checks to OUT_DIR/result-SCENARIO.json.
                DDP: held unreduced in each rank's .grad): every rank skips the step, and nothing
                of it reaches the next: the run equals, bit for bit, the same run whose step 1 is
                skipped before any forward.
+    optim-ddp  DDP with each memory feature (MEMORY: adamw_8bit, adamw_cpu_offload, QLoRA): 2 steps
+               in one go, and 1 step then resumed by a fresh trainer to 2.
 
 The runs that match one process use RANK_BATCH pairs per rank and no accumulation; `reference`
 is the one-process config that computes exactly what they do (see tests/test_distributed.py).
@@ -121,10 +123,13 @@ def skip(t, step: int):
     return t
 
 
-def weights_digest(model) -> str:
-    """sha256 of this rank's parameters (its shards under FSDP2), bit for bit."""
+def weights_digest(model, trainable_only: bool = False) -> str:
+    """sha256 of this rank's parameters (its shards under FSDP2), or of those it trains (all of
+    them, or the LoRA adapters), bit for bit."""
     h = hashlib.sha256()
     for p in model.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         p = p.detach()
         h.update((p.to_local() if hasattr(p, "to_local") else p).contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -169,8 +174,54 @@ def export_runs(out: Path):
     return {}
 
 
+# The memory features of issue 22 that run under DDP: {name: the config fields it sets}.
+MEMORY = {"adamw_8bit": dict(optim="adamw_8bit"), "adamw_cpu_offload": dict(optim="adamw_cpu_offload"),
+          "qlora": dict(lora_r=4, load_in_4bit=True, dtype="bfloat16")}
+
+
+def optim_runs(out: Path):
+    """MEMORY under DDP: {name: {"optimizer": its class, "nf4_layers": n, "straight": run,
+    "resumed": run}}, a run being its steps, rows (rank 0's metrics log) and every rank's
+    weights_digest of what it trains, or {"error": message} for a resume that raised. The
+    straight run saves at step 1 too, as the cut one does; the 4-bit base is built as load_model
+    builds tiny's."""
+    from fused_dpo.train.quant import quantize
+
+    d = distributed.setup("ddp")
+    tok, train, held = setup()
+
+    def run(t, res):
+        return {"steps": res["steps"], "rows": res.get("metrics"),
+                "weights": d.gather(weights_digest(t.model, trainable_only=True))}
+
+    runs = {}
+    for name, kw in MEMORY.items():
+        def trainer(how, kw=kw, name=name):
+            model = tiny_llama(len(tok))
+            if kw.get("load_in_4bit"):
+                model = quantize(model, getattr(torch, kw["dtype"]))
+            cfg = config(out / f"optim-{name}-{how}", batch_size=RANK_BATCH, parallel="ddp", max_steps=2,
+                         save_steps=1, max_length=32, **kw)
+            return DPOTrainer(model, None, tok, train, held, cfg, dist=d)
+
+        t = trainer("straight")
+        runs[name] = {"optimizer": type(t.optimizer).__name__,
+                      "nf4_layers": sum(type(m).__name__ == "Linear4bit" for m in t.model.modules()),
+                      "straight": run(t, t.train(progress=False))}
+        trainer("resumed").train(progress=False, until_step=1)
+        t = trainer("resumed")
+        try:
+            runs[name]["resumed"] = run(t, t.train(progress=False, resume=True))
+        except RuntimeError as e:
+            # Loading the checkpoint into the model raises alike on every rank (the same model and
+            # files), so the job goes on to the next feature and the test shows the message.
+            runs[name]["resumed"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+    return runs
+
+
 SCENARIOS = {"tied": tied, "lora": lora, "nan-ddp": partial(nan, parallel="ddp"),
-             "nan-fsdp2": partial(nan, parallel="fsdp2"), "export": export_runs}
+             "nan-fsdp2": partial(nan, parallel="fsdp2"), "export": export_runs,
+             "optim-ddp": optim_runs}
 
 if __name__ == "__main__":
     out = Path(sys.argv[2])

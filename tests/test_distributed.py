@@ -18,6 +18,9 @@
 - FSDP2 keeps a tied embedding tied; a NaN loss on one rank skips the step on every rank, and a
   skipped step leaves nothing behind: the run equals the one whose step is skipped before any
   forward;
+- the memory features that run under DDP (issue 22: adamw_8bit, adamw_cpu_offload, QLoRA) keep
+  the ranks' weights identical, and a run cut at step 1 and resumed equals, bit for bit, the run
+  never cut;
 - what cannot work is refused with the reason (a resume on another number of ranks, torchrun
   without --parallel, a model FSDP2 cannot split).
 
@@ -25,6 +28,7 @@ Every launch costs a few seconds of imports per rank: the runs are few and short
 """
 
 import json
+import math
 import os
 import re
 import signal
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import HELD_OUT, RANK_BATCH, ROWS, WORLD, reference, setup, tied_llama
+from dist_worker import HELD_OUT, MEMORY, RANK_BATCH, ROWS, WORLD, reference, setup, tied_llama
 
 from fused_dpo.train import distributed, sharded
 from fused_dpo.train.cli import main as train
@@ -90,9 +94,13 @@ def finished(proc, timeout=240):
     return proc.returncode, out
 
 
+def stable(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their VOLATILE keys."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
 def rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(ln).items() if k not in VOLATILE}
-            for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return stable(json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def norm_rtol(n: int) -> float:
@@ -160,7 +168,7 @@ def fsdp2_run(cli_runs) -> tuple[Path, str]:
 def worker(tmp_path_factory):
     """dist_worker.py's scenarios, in one launch: {scenario: its result}, and their directory."""
     out = tmp_path_factory.mktemp("worker")
-    names = ("tied", "lora", "nan-ddp", "nan-fsdp2")
+    names = ("tied", "lora", "nan-ddp", "nan-fsdp2", "optim-ddp")
     code, log = finished(torchrun(WORLD, ROOT / "tests" / "dist_worker.py", ",".join(names), out,
                                   module=False))
     assert code == 0, log
@@ -309,8 +317,7 @@ def test_tied_embedding_and_lora_under_fsdp2(worker):
             assert res["tied_after_wrap"] and res["tied_after_training"]
         t = DPOTrainer(model, None, tok, train_rows, held, reference(out / f"single-{name}", **kw))
         t.train(progress=False)
-        assert_same_run([{k: v for k, v in r.items() if k not in VOLATILE} for r in res["rows"]],
-                        rows(out / f"single-{name}"), norm_rtol(n_params(t.model)))
+        assert_same_run(stable(res["rows"]), rows(out / f"single-{name}"), norm_rtol(n_params(t.model)))
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(worker):
@@ -323,11 +330,48 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(worker):
         assert got["steps"] == 3 and got["flags"].count("nonfinite_loss") == 1, parallel
         assert got["flags"] == want["flags"], parallel
         assert [r["step"] for r in got["rows"] if "loss" in r] == [0, 2]  # step 1 had no update
-        assert_same_run([{k: v for k, v in r.items() if k not in VOLATILE} for r in got["rows"]],
-                        [{k: v for k, v in r.items() if k not in VOLATILE} for r in want["rows"]])
+        assert_same_run(stable(got["rows"]), stable(want["rows"]))
         assert got["weights"] == want["weights"], parallel  # every rank's parameters or shards
         if parallel == "ddp":
             assert got["weights"][0] == got["weights"][1]  # the replicas stayed identical
+
+
+# The class optim.build makes for each MEMORY feature (QLoRA trains with the default, adamw_torch).
+OPTIMIZER = {"adamw_8bit": "AdamW8bit", "adamw_cpu_offload": "HostAdamW", "qlora": "AdamW"}
+
+
+@pytest.mark.parametrize("name", MEMORY)
+def test_memory_features_train_under_ddp(worker, name):
+    """Each memory feature of issue 22 under DDP: the optimizer it names, finite losses that move,
+    the ranks' trained weights identical; QLoRA on an NF4 base, its step 0 at log 2 (adapters
+    with B = 0: the policy is its reference)."""
+    res = worker[0]["optim-ddp"][name]
+    run = res["straight"]
+    assert res["optimizer"] == OPTIMIZER[name]
+    assert run["steps"] == 2
+    losses = [r["loss"] for r in run["rows"] if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] != losses[0], losses
+    assert len(run["weights"]) == WORLD and len(set(run["weights"])) == 1  # every rank alike
+    if MEMORY[name].get("load_in_4bit"):
+        assert res["nf4_layers"] > 0
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert res["nf4_layers"] == 0
+
+
+@pytest.mark.parametrize("name", MEMORY)
+def test_memory_features_resume_exactly_under_ddp(worker, name):
+    """Cut after step 1 (checkpointed) and resumed by a fresh trainer, the run equals the one never
+    cut, bit for bit: its losses and metrics, every rank's trained weights (for adamw_8bit the
+    quantised moments and their block scales come back; for QLoRA the NF4 base is rebuilt and the
+    checkpoint holds the adapters alone: its strict load once asked for the frozen base's weights,
+    and no LoRA run under DDP or FSDP2 resumed)."""
+    res = worker[0]["optim-ddp"][name]
+    got, want = res["resumed"], res["straight"]
+    assert "error" not in got, got["error"]
+    assert got["steps"] == want["steps"] == 2
+    assert_same_run(stable(got["rows"]), stable(want["rows"]))
+    assert got["weights"] == want["weights"]
 
 
 def test_refusals(tmp_path, fsdp2_run, monkeypatch, capsys):

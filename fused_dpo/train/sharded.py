@@ -39,8 +39,22 @@ KEYS = ("format", "run_id", "step", "position", "scheduler", "monitor", "bco", "
 def _options(adapters_only: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Under LoRA only the adapters are saved (the frozen base is rebuilt and fingerprinted).
-    return StateDictOptions(ignore_frozen_params=adapters_only)
+    # Under LoRA only the adapters are saved (the frozen base is rebuilt and fingerprinted), and
+    # loaded back without the base's keys (strict would ask for them).
+    return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+
+
+def _state_dicts(model, optimizer, adapters_only: bool) -> dict:
+    """{"model": ..., "optimizer": ...} as DCP saves and loads them. Under LoRA the model's holds
+    exactly the trainable parameters: ignore_frozen_params keeps a 4-bit base's quantisation state
+    (absmax, quant_map: not parameters), which belongs to the rebuilt base, not to the checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_options(adapters_only))
+    if adapters_only:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in trainable}
+    return {"model": msd, "optimizer": osd}
 
 
 def _rng_state() -> dict:
@@ -51,7 +65,6 @@ def _rng_state() -> dict:
 def save(out: Path, d: Dist, model, optimizer, state: dict, adapters_only: bool) -> Path:
     """Every rank: its model and optimizer shards, its RNG states; rank 0: `state`. Then LATEST."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = out / DIR
     name = f"step-{state['step']:06d}"
@@ -61,8 +74,7 @@ def save(out: Path, d: Dist, model, optimizer, state: dict, adapters_only: bool)
         if target.exists():  # a save of this step that was killed before LATEST named it
             shutil.rmtree(target)
     d.barrier()
-    msd, osd = get_state_dict(model, optimizer, options=_options(adapters_only))
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=target)  # fsyncs its files
+    dcp.save(_state_dicts(model, optimizer, adapters_only), checkpoint_id=target)  # fsyncs its files
     atomic_write_bytes(target / f"rng-{d.rank}.pt", lambda f: torch.save(_rng_state(), f))
     if d.main:
         atomic_write_bytes(target / TRAINER, lambda f: torch.save(
@@ -117,14 +129,12 @@ def read_trainer_state(target: Path, device: torch.device) -> dict:
 def load(target: Path, d: Dist, model, optimizer, adapters_only: bool) -> dict:
     """Load this rank's shards of the model and optimizer from `target`; returns its RNG states."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    opts = _options(adapters_only)
-    msd, osd = get_state_dict(model, optimizer, options=opts)
-    sd = {"model": msd, "optimizer": osd}
-    dcp.load(sd, checkpoint_id=target)
+    sd = _state_dicts(model, optimizer, adapters_only)
+    dcp.load(sd, checkpoint_id=target)  # every key of sd, or an error
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
-                   options=opts)
+                   options=_options(adapters_only))
     path = target / f"rng-{d.rank}.pt"
     if not path.is_file():
         raise ValueError(f"--resume: {path} is missing: the checkpoint was written by fewer ranks")
