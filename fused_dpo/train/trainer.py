@@ -155,6 +155,7 @@ class DPOTrainer:
         self.monitor = HealthMonitor(cfg.beta, steps, self._expected_step0_loss(), cfg.max_bad_steps)
         self.bco = self._new_bco()
         self.run_id: str | None = None
+        self.run_json_extra: dict = {}  # what the caller adds to a new run's run.json (its memory plan)
         self.step = 0
         self.position = 0  # pairs consumed from the (epoch-shuffled) training stream
         self._perm: tuple[int, list[int]] = (-1, [])  # (epoch, its order), derived from position
@@ -509,7 +510,7 @@ class DPOTrainer:
                                               "reference": self.ref_source,
                                               **({"lora": self.adapters} if self.lora else {}),
                                               **self._shape(), "fingerprints": self.fingerprints,
-                                              "resumes": [], **getattr(self, "run_json_extra", {})})
+                                              "resumes": [], **self.run_json_extra})
             atomic_write_text(self.out / rundir.CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
             atomic_write_text(self.out / rundir.METRICS, "")
         d.barrier()
