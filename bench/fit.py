@@ -73,22 +73,24 @@ def _quantize_linears(model, device: str) -> None:
     from fused_dpo.train import quant
 
     head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear) or child is head:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=quant.COMPUTE_DTYPE, compress_statistics=True,
-                                  quant_type="nf4", device="meta")
-            w = child.weight.detach().to("cpu" if device == "cpu" else device)
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4")
-            if child.bias is not None:
-                q.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
-            # moving the weight quantises it (on the GPU when the device is one)
-            q.weight = q.weight.to(device) if device != "cpu" else q.weight._quantize("cpu")
-            setattr(parent, child_name, q)
-            del child, w
+    # by name, so that each bf16 layer is freed as soon as its NF4 one replaces it
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=quant.COMPUTE_DTYPE, compress_statistics=True,
+                              quant_type="nf4", device="meta")
+        w = child.weight.detach().to("cpu" if device == "cpu" else device)
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        if child.bias is not None:
+            q.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
+        # moving the weight quantises it (on the GPU when the device is one)
+        q.weight = q.weight.to(device) if device != "cpu" else q.weight._quantize("cpu")
+        setattr(parent, child_name, q)
+        del child, w, parent
     quant.for_training(model)
 
 
@@ -144,6 +146,7 @@ def run_mode(mode: str, shape: str, max_length: int, steps: int, device: str, ex
         predicted, row["plan_fits"] = _plan(model_config(shape), cfg, data, device)
         row["predicted_MiB"] = _fmt(predicted)
         model, config = build_model(shape, dtype, device, fields.get("load_in_4bit", False))
+        _fresh_peak(cuda)  # the step's peak, not the build's (an NF4 base is built in bf16 first)
         trainer = DPOTrainer(model, None, _tokenizer(), data, None, cfg)
         trainer.train_step()  # warm-up: kernels compiled, optimizer state allocated
         _sync(cuda)
@@ -181,8 +184,13 @@ def run_trl(mode: str, shape: str, max_length: int, steps: int, device: str) -> 
         return row
     fields = MODES[base]
     cuda = device == "cuda"
-    model, config = build_model(shape, getattr(torch, fields["dtype"]), device,
-                                fields.get("load_in_4bit", False))
+    row["pairs"] = 1
+    try:
+        model, config = build_model(shape, getattr(torch, fields["dtype"]), device,
+                                    fields.get("load_in_4bit", False))
+    except torch.OutOfMemoryError:
+        row.update(status="OOM", note="building the model")
+        return row
     pairs = _pairs(steps + 1, max_length, config.vocab_size).pairs
     ds = datasets.Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs],
                                      "chosen_ids": [c for _, c, _ in pairs],
@@ -210,8 +218,7 @@ def run_trl(mode: str, shape: str, max_length: int, steps: int, device: str) -> 
                          report_to=[], save_strategy="no", logging_steps=1, use_cpu=not cuda,
                          lr_scheduler_type="constant", warmup_steps=0)
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        _fresh_peak(cuda)
         t = Pretokenized(model=model, args=args, train_dataset=ds, processing_class=_tokenizer(),
                            peft_config=LoraConfig(r=16, lora_alpha=32), callbacks=[Clock()])
         t.train()
@@ -235,6 +242,13 @@ def longest(shape: str, steps: int, device: str, lengths: list[int]):
         yield row
         if row["status"] != "ok":
             break
+
+
+def _fresh_peak(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _tokenizer():
@@ -272,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", default="gpu_out/fit", help="folder of fit.csv")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.pairs < 1 or args.max_length < 8:
+        print("error: --steps and --pairs must be >= 1 and --max-length >= 8", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: needs a CUDA GPU (--device cpu --shape tiny for the smoke run)", file=sys.stderr)
         return 2

@@ -261,3 +261,20 @@ def test_dtype_auto_is_checked_on_the_weights_loaded(tmp_path, capsys, monkeypat
     monkeypatch.setattr(optim, "WARNED_BF16", set())
     with pytest.warns(UserWarning, match="bfloat16 weights with full fine-tuning and optim adamw_torch"):
         assert cli_main(["--model", bf16_checkpoint(tmp_path), *flags]) == 0
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--load-in-4bit", "--dtype", "bfloat16"],
+     ["- Base loaded as: linear layers in NF4", "quantization_config=nf4, dtype='bfloat16'",
+      "bnb_4bit_use_double_quant=True", "llm_int8_skip_modules=['lm_head']"]),
+    ([], ["- Base loaded as: --dtype float32", "dtype='float32'"]),
+], ids=["nf4-bf16", "fp32"])
+def test_the_model_card_loads_the_base_as_it_trained(tmp_path, flags, words):
+    """The adapters apply to the base as it was loaded for training: the card says how, and its
+    loading code passes the quantisation and the dtype (transformers 5 would keep the file's)."""
+    out = tmp_path / "run"
+    assert cli_main(["--lora-r", "4", *flags, "--data", "zen", "--max-length", "32", "--batch-size", "2",
+                     "--max-steps", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    card = (out / "model" / "README.md").read_text()
+    for w in words:
+        assert w in card, w

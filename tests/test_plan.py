@@ -346,3 +346,18 @@ def test_measured_peak_beside_the_prediction_on_a_gpu(tmp_path):
                                      "batch 16 x 512 tokens); measured 950.0 MiB (max_memory_allocated "
                                      "of the largest step); measured / predicted 0.950.")
     assert memory_plan(tmp_path / "none", rows) is None
+
+
+def test_a_trl_config_plans_like_its_flags(tmp_path, capsys):
+    """`fused-dpo plan --config` reads what `fused-dpo train --config` reads, TRL's keys included,
+    and plans the file's model: the same record as the flags."""
+    (tmp_path / "dpo.yaml").write_text("model_name_or_path: qwen2-0.5b\nuse_peft: true\nlora_r: 8\n"
+                                       "per_device_train_batch_size: 2\nmax_length: 64\n")
+    assert top(["plan", "--config", str(tmp_path / "dpo.yaml"), "--gpu-memory-gib", "8", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert top(["plan", "--model", "qwen2-0.5b", "--lora-r", "8", "--batch-size", "2",
+                "--max-length", "64", "--gpu-memory-gib", "8", "--json"]) == 0
+    from_flags = json.loads(capsys.readouterr().out)
+    assert from_file["model"] == "qwen2-0.5b"
+    for key in ("parts_bytes", "phases_bytes", "peak_bytes", "needed_bytes", "batch"):
+        assert from_file[key] == from_flags[key], key

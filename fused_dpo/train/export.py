@@ -194,8 +194,7 @@ def model_card(trainer, path: Path, adapters_only: bool, dtypes: list[str]) -> s
                     "bnb_4bit_use_double_quant=True,\n                         "
                     f"bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=[{head!r}])\n")
             kwargs = ", quantization_config=nf4"
-        if cfg.dtype != "float32":
-            kwargs += f", dtype={cfg.dtype!r}"
+        kwargs += f", dtype={cfg.dtype!r}"  # transformers 5's default is the file's dtype (auto)
         load = (f"from peft import PeftModel\n{load}"
                 f"base = AutoModelForCausalLM.from_pretrained({arg}{kwargs}){note}\n"
                 f"model = PeftModel.from_pretrained(base, {here})\n")

@@ -899,11 +899,12 @@ def build_parser():
                         "predicted peak per rank of one training step, from the model's config on the "
                         "meta device (no weights), against the budget; if it does not fit, the "
                         "cheapest changes that make it fit.")
-    ap.add_argument("--model", default="tiny",
+    ap.add_argument("--model", default=None,
                     help=f"a named shape ({', '.join(SHAPES)}), a checkpoint directory or a hub id "
                          f"from the local HF cache (default tiny)")
     ap.add_argument("--revision", default=None, help="the hub revision of --model")
-    ap.add_argument("--config", help="JSON or TOML file of DPOConfig fields, as `fused-dpo train` takes")
+    ap.add_argument("--config", help="JSON, TOML or YAML file of DPOConfig fields or TRL's keys, as "
+                                     "`fused-dpo train` takes (its model unless --model is given)")
     ap.add_argument("--data", default=None,
                     help="size the batch from this data's longest pair (as --data of fused-dpo train; "
                          "needs the model's tokenizer) instead of --max-length")
@@ -930,8 +931,14 @@ def _budget(gib: float | None) -> int:
 
 def _config_of(args) -> DPOConfig:
     from .config import read_config_file
+    from .trl_config import split
 
-    d = read_config_file(args.config) if args.config else {}
+    d, sources = split(read_config_file(args.config), args.config) if args.config else ({}, {})
+    # the file's model (TRL's model_name_or_path) unless --model names one
+    if args.model is None:
+        args.model = sources.get("model", "tiny")
+    if args.revision is None:
+        args.revision = sources.get("revision")
     d.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None})
     if args.world_size < 1:
         raise ValueError(f"--world-size must be an integer >= 1, got {args.world_size}")

@@ -54,6 +54,9 @@ def _state_dicts(model, optimizer, adapters_only: bool) -> dict:
     if adapters_only:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         msd = {k: v for k, v in msd.items() if k in trainable}
+        if set(msd) != trainable:  # the names differ (a wrapper's prefix): nothing would be saved
+            raise ValueError(f"sharded checkpoint: the state dict's names do not match the "
+                             f"{len(trainable)} trainable parameters (e.g. {sorted(trainable)[0]!r})")
     return {"model": msd, "optimizer": osd}
 
 

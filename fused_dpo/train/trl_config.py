@@ -121,7 +121,7 @@ def _max_grad_norm(v, d):
 def _eval_steps(v, d):
     # transformers: none means every logging_steps
     if v is None:
-        return _steps(d["logging_steps"], d) if "logging_steps" in d else _UNSET
+        return _steps(d["logging_steps"], d) if "logging_steps" in d else TRL_LOGGING_STEPS
     return _steps(v, d)
 
 
