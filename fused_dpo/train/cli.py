@@ -173,6 +173,7 @@ def check_sources(sources: dict) -> None:
 def run(args, cfg: DPOConfig, sources: dict) -> dict:
     from . import distributed
     from .data import pad_id, row_texts
+    from .hf import progress_bars
     from .models import load_model
     from .sources import load_pairs
     from .trainer import DPOTrainer
@@ -184,7 +185,7 @@ def run(args, cfg: DPOConfig, sources: dict) -> dict:
     # transformers' and datasets' own bars (loading weights, reading data) follow ours.
     progress = not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
     train_rows, eval_rows, rows = load_pairs(sources, cfg.seed, cfg.eval_fraction, progress)
-    with _hf_progress_bars(progress):
+    with progress_bars(progress):
         model, tok = load_model(sources["model"], row_texts(rows), cfg.seed,
                                 precision=cfg.precision, say=_say, dtype=cfg.dtype,
                                 load_in_4bit=cfg.load_in_4bit, revision=sources.get("revision"))
@@ -226,21 +227,6 @@ def _cpu_threads_for(model):
     if not (on_cpu and small) or "OMP_NUM_THREADS" in os.environ:
         return contextlib.nullcontext()
     return intra_op_threads(1)
-
-
-@contextlib.contextmanager
-def _hf_progress_bars(enabled: bool):
-    """transformers' progress bars on or off for the block, as they were afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if was and not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 class Interrupted(Exception):

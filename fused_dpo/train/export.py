@@ -18,7 +18,6 @@ and the checkpoint; the next start, resume (`rundir.temporaries`) or save remove
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch
 
 from . import distributed, lora, rundir
 from .checkpoint import fsync_path, tmp_path
+from .hf import progress_bars
 from .models import COMPUTE
 
 
@@ -111,7 +111,8 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         # save_embedding_layers: this trainer never resizes the embeddings, and peft's "auto" asks
         # the hub whether the base model's vocabulary changed (a warning offline, every save)
         extra = {"save_embedding_layers": False} if adapters_only else {}
-        with _quiet_bars():
+        # the bars' rule of the CLI: drawn on a terminal only (in a log file they are noise)
+        with progress_bars(sys.stdout.isatty() and sys.stderr.isatty()):
             model.save_pretrained(tmp, state_dict=state, **extra)
         if hasattr(trainer.tokenizer, "save_pretrained"):  # from Python, any object with the ids
             trainer.tokenizer.save_pretrained(tmp)
@@ -131,22 +132,6 @@ def _write(trainer, state: dict[str, torch.Tensor], adapters_only: bool) -> None
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_bars():
-    """transformers' "Writing model shards" bar off unless stdout and stderr are a terminal (the
-    CLI's rule for bars: in a log file it is noise), as it was afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    off = hf_logging.is_progress_bar_enabled() and not (sys.stdout.isatty() and sys.stderr.isatty())
-    if off:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if off:
-            hf_logging.enable_progress_bar()
 
 
 

@@ -255,3 +255,23 @@ def check_packing(head: LogpsHead) -> None:
 
 _WITHOUT = ("Train it with padded batches (padding_free false), or with an attn_implementation that "
             "masks packed position_ids")
+
+
+def module_name(model: torch.nn.Module, module) -> str | None:
+    """The name of `module` inside `model` (named_modules), or None when it is not one of them."""
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """transformers' progress bars on or off for the block, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    off = hf_logging.is_progress_bar_enabled() and not enabled
+    if off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if off:
+            hf_logging.enable_progress_bar()

@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path, precision: str | None = None, say: Callabl
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from .hf import check_causal
+    from .hf import check_causal, module_name
 
     cfg = AutoConfig.from_pretrained(path, revision=revision)
     kind = f"--model {path}: model_type {cfg.model_type!r} (architectures {cfg.architectures})"
@@ -162,7 +162,7 @@ def load_checkpoint(path: str | Path, precision: str | None = None, say: Callabl
         quant.for_training(model)  # before check_causal's forwards in eval mode
     missing = sorted(info["missing_keys"])
     if missing:
-        head = _module_name(model, model.get_output_embeddings())
+        head = module_name(model, model.get_output_embeddings())
         in_head = head is not None and any(k.startswith(head + ".") for k in missing)
         raise ValueError(f"--model {path}: {len(missing)} weights of {type(model).__name__} are not "
                          f"in the checkpoint and would be freshly initialised: "
@@ -183,9 +183,6 @@ def _dtype_name(dtype) -> str:
         return "a dtype its config.json does not record"
     return str(dtype).removeprefix("torch.")
 
-
-def _module_name(model: torch.nn.Module, module) -> str | None:
-    return next((n for n, m in model.named_modules() if m is module), None)
 
 
 # --dtype (DPOConfig.dtype, TRL's `dtype`): the storage dtype of the loaded weights.

@@ -56,8 +56,9 @@ def bnb_config(head: str):
 
 def head_name(model: torch.nn.Module) -> str:
     """The module name of `model`'s lm_head (get_output_embeddings), e.g. "lm_head"."""
-    head = model.get_output_embeddings()
-    name = next((n for n, m in model.named_modules() if m is head), None)
+    from .hf import module_name
+
+    name = module_name(model, model.get_output_embeddings())
     if name is None:
         raise ValueError(f"load_in_4bit: {type(model).__name__} has no lm_head module to keep unquantised")
     return name
